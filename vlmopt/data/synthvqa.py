@@ -1,0 +1,300 @@
+"""SynthVQA: a seeded generator of visual questions that can only be answered by looking.
+
+A scene is a textured (never flat) background with 3-8 objects (shape x colour x size) and one
+small glyph tile (a 5x7-pixel character on a white tile). Each record asks one question of one of
+seven types and has a single-word answer. Everything is a pure function of the seed, so the
+``calib`` and ``test`` splits are fixed datasets and the ``train`` split is generated on the fly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 112
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 40),
+    "purple": (150, 50, 200),
+    "orange": (245, 140, 20),
+}
+SIZES = {"small": 5, "large": 9}  # half-extent in pixels
+QUADRANTS = ("topleft", "topright", "bottomleft", "bottomright")
+RELATIONS = ("left", "right", "above", "below")
+QUESTION_TYPES = ("colour", "shape", "count", "spatial", "location", "exists", "glyph")
+
+# 5x7 bitmaps, one string of 5 characters per row ("#" = ink). Our own drawing.
+GLYPHS = {
+    "0": [" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "],
+    "1": ["  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+    "2": [" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"],
+    "3": ["#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "],
+    "4": ["   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "],
+    "5": ["#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "],
+    "6": ["  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "],
+    "7": ["#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "],
+    "8": [" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "],
+    "9": [" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "],
+    "a": [" ### ", "#   #", "#   #", "#####", "#   #", "#   #", "#   #"],
+    "e": ["#####", "#    ", "#    ", "#### ", "#    ", "#    ", "#####"],
+    "h": ["#   #", "#   #", "#   #", "#####", "#   #", "#   #", "#   #"],
+    "k": ["#   #", "#  # ", "# #  ", "##   ", "# #  ", "#  # ", "#   #"],
+    "t": ["#####", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  "],
+    "x": ["#   #", "#   #", " # # ", "  #  ", " # # ", "#   #", "#   #"],
+}
+COUNT_WORDS = tuple(str(i) for i in range(9))
+
+# Fixed seeds that define the released splits. Changing them changes the datasets.
+SPLIT_SEEDS = {"train": 0, "calib": 1_000_003, "test": 2_000_003}
+SPLIT_SIZES = {"calib": 256, "test": 1050}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    x: int  # centre
+    y: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    objects: list[Obj]
+    glyph: str
+    glyph_xy: tuple[int, int]  # top-left corner of the tile
+    texture: dict = field(default_factory=dict)
+
+
+def vocabulary() -> list[str]:
+    """Every word a SynthVQA prompt or answer can contain (used to build the tokenizer)."""
+    words = set()
+    for t in QUESTION_TYPES:
+        for q in _TEMPLATE_WORDS[t]:
+            words.update(q.split())
+    words.update(SHAPES, (s + "s" for s in SHAPES), COLOURS, SIZES, QUADRANTS, RELATIONS)
+    words.update(COUNT_WORDS, GLYPHS, ("yes", "no", "?", ",", ".", ":"))
+    return sorted(words)
+
+
+_TEMPLATE_WORDS = {
+    "colour": ["what colour is the"],
+    "shape": ["what shape is the object"],
+    "count": ["how many are there objects"],
+    "spatial": ["where is the relative to"],
+    "location": ["which quadrant of the image is in"],
+    "exists": ["is there a in the image"],
+    "glyph": ["what character is written on the white tile"],
+}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _background(rng: random.Random) -> tuple[np.ndarray, dict]:
+    """Grey textured background: oriented stripes plus per-pixel noise (never flat)."""
+    base = rng.uniform(95, 165)
+    amp = rng.uniform(8, 18)
+    theta = rng.uniform(0, math.pi)
+    freq = rng.uniform(0.15, 0.45)
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    wave = amp * np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)))
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    noise = nrng.normal(0, 6, size=(IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+    tint = np.array([rng.uniform(-6, 6) for _ in range(3)], dtype=np.float32)
+    img = base + wave[..., None] + noise + tint
+    return np.clip(img, 0, 255).astype(np.uint8), {"base": base, "amp": amp, "freq": freq}
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+    r = SIZES[o.size]
+    c = COLOURS[o.colour]
+    x, y = o.x, o.y
+    if o.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=c)
+    elif o.shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=c)
+    elif o.shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=c)
+    elif o.shape == "cross":
+        w = max(2, r // 2)
+        draw.rectangle([x - r, y - w, x + r, y + w], fill=c)
+        draw.rectangle([x - w, y - r, x + w, y + r], fill=c)
+    else:  # pragma: no cover - guarded by SHAPES
+        raise ValueError(f"unknown shape {o.shape!r}")
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw a scene. Pure function of the scene (the texture is re-derived from its seed)."""
+    rng = random.Random(scene.texture["seed"])
+    arr, _ = _background(rng)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        _draw_object(draw, o)
+    gx, gy = scene.glyph_xy
+    draw.rectangle([gx, gy, gx + 8, gy + 10], fill=(250, 250, 250))
+    for row, bits in enumerate(GLYPHS[scene.glyph]):
+        for col, ch in enumerate(bits):
+            if ch == "#":
+                draw.point((gx + 2 + col, gy + 2 + row), fill=(0, 0, 0))
+    return img
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def _boxes_clear(box, boxes, gap=3) -> bool:
+    x0, y0, x1, y1 = box
+    return all(x1 + gap <= a0 or a1 + gap <= x0 or y1 + gap <= b0 or b1 + gap <= y0
+               for a0, b0, a1, b1 in boxes)
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """3-8 non-overlapping objects and one glyph tile at random places."""
+    n = rng.randint(3, 8)
+    boxes: list[tuple[int, int, int, int]] = []
+    gx, gy = rng.randint(2, IMAGE_SIZE - 11), rng.randint(2, IMAGE_SIZE - 13)
+    boxes.append((gx, gy, gx + 8, gy + 10))
+    objects: list[Obj] = []
+    tries = 0
+    while len(objects) < n and tries < 500:
+        tries += 1
+        size = rng.choice(tuple(SIZES))
+        r = SIZES[size]
+        x = rng.randint(r + 2, IMAGE_SIZE - r - 3)
+        y = rng.randint(r + 2, IMAGE_SIZE - r - 3)
+        box = (x - r, y - r, x + r, y + r)
+        if _boxes_clear(box, boxes):
+            boxes.append(box)
+            objects.append(Obj(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), size, x, y))
+    return Scene(objects, rng.choice(tuple(GLYPHS)), (gx, gy), {"seed": rng.getrandbits(32)})
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+def _unique(objs, **attrs):
+    hits = [o for o in objs if all(getattr(o, k) == v for k, v in attrs.items())]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _quadrant(o: Obj) -> str | None:
+    r, half = SIZES[o.size], IMAGE_SIZE / 2
+    if abs(o.x - half) < r + 2 or abs(o.y - half) < r + 2:
+        return None  # straddles a midline: no clear answer
+    return ("top" if o.y < half else "bottom") + ("left" if o.x < half else "right")
+
+
+def _relation(a: Obj, b: Obj) -> str | None:
+    dx, dy = a.x - b.x, a.y - b.y
+    if max(abs(dx), abs(dy)) < 12 or max(abs(dx), abs(dy)) < 2 * min(abs(dx), abs(dy)):
+        return None  # not clearly along one axis
+    if abs(dx) > abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
+    """One (question, answer) of ``qtype`` about ``scene``, or None if the scene can't support it."""
+    objs = scene.objects
+    named = [o for o in objs if _unique(objs, colour=o.colour, shape=o.shape)]
+    if qtype == "colour":
+        rng.shuffle(cands := list(objs))
+        for o in cands:
+            if _unique(objs, shape=o.shape):
+                return f"What colour is the {o.shape}?", o.colour
+            if _unique(objs, shape=o.shape, size=o.size):
+                return f"What colour is the {o.size} {o.shape}?", o.colour
+        return None
+    if qtype == "shape":
+        rng.shuffle(cands := list(objs))
+        for o in cands:
+            if _unique(objs, colour=o.colour):
+                return f"What shape is the {o.colour} object?", o.shape
+            if _unique(objs, colour=o.colour, size=o.size):
+                return f"What shape is the {o.size} {o.colour} object?", o.shape
+        return None
+    if qtype == "count":
+        if rng.random() < 0.5:
+            s = rng.choice(SHAPES)
+            return f"How many {s}s are there?", str(sum(o.shape == s for o in objs))
+        c = rng.choice(tuple(COLOURS))
+        return f"How many {c} objects are there?", str(sum(o.colour == c for o in objs))
+    if qtype == "spatial":
+        pairs = [(a, b) for a in named for b in named if a is not b and _relation(a, b)]
+        if not pairs:
+            return None
+        a, b = rng.choice(pairs)
+        return f"Where is the {a.name} relative to the {b.name}?", _relation(a, b)
+    if qtype == "location":
+        cands = [o for o in named if _quadrant(o)]
+        if not cands:
+            return None
+        o = rng.choice(cands)
+        return f"Which quadrant of the image is the {o.name} in?", _quadrant(o)
+    if qtype == "exists":
+        present = {(o.colour, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            c, s = rng.choice(sorted(present))
+            return f"Is there a {c} {s} in the image?", "yes"
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        c, s = rng.choice(absent)
+        return f"Is there a {c} {s} in the image?", "no"
+    if qtype == "glyph":
+        return "What character is written on the white tile?", scene.glyph
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    question: str
+    answer: str
+    type: str
+
+    @property
+    def prompt(self) -> str:
+        return f"<image>\n{self.question}"
+
+
+def sample(seed: int, index: int) -> Sample:
+    """The ``index``-th sample of the stream for ``seed``; question types cycle for balance."""
+    rng = random.Random(seed * 1_000_003 + index)
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    while True:
+        scene = random_scene(rng)
+        qa = ask(scene, qtype, rng)
+        if qa is not None:
+            return Sample(render(scene), qa[0], qa[1], qtype)
+
+
+def write_dataset(out: Path, n: int, seed: int) -> Path:
+    """Write ``n`` samples as PNGs plus ``data.jsonl`` (calibration format) under ``out``."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        s = sample(seed, i)
+        rel = f"images/{i:05d}.png"
+        s.image.save(out / rel)
+        lines.append(json.dumps({"image": rel, "prompt": s.prompt, "answer": s.answer,
+                                 "type": s.type}))
+    path = out / "data.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)  # NOTE: data.jsonl appears last, so a complete file means a complete set
+    return path

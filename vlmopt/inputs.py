@@ -1,0 +1,40 @@
+"""Turn dataset records into model inputs with the checkpoint's own processor and chat template."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from vlmopt.errors import VlmoptError
+
+
+def chat_text(processor, prompt: str) -> str:
+    """The prompt wrapped in the checkpoint's chat template (unchanged if it has none)."""
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """Batch with left padding; position ids count real tokens only, so padding never shifts them.
+
+    Returns input_ids/attention_mask/position_ids [B, T] and pixel_values [B, 3, H, W].
+    """
+    if processor is None:
+        raise VlmoptError("this checkpoint has no processor files; cannot encode prompts")
+    processor.tokenizer.padding_side = "left"
+    texts = [chat_text(processor, p) for p in prompts]
+    enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    mask = enc["attention_mask"]
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "pixel_values": enc["pixel_values"].float(),
+    }
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """A flat mid-grey image of the same size: the input that carries no visual information."""
+    return Image.new("RGB", image.size, (128, 128, 128))
