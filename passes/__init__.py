@@ -1,0 +1,3 @@
+"""vlmopt.passes: one module per pass; importing this package registers them all."""
+
+from vlmopt.passes import drop_tokens  # noqa: F401

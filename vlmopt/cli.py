@@ -25,6 +25,18 @@ def _positive(flag: str):
     return parse
 
 
+def _nonneg(flag: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {v!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {n}")
+        return n
+    return parse
+
+
 def _progress(total: int, desc: str):
     """A rich progress bar on a terminal; nothing otherwise. Returns (advance, close)."""
     if not sys.stderr.isatty():
@@ -100,6 +112,90 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _load_for_cost(model: str):
+    """Config-only directories load on the meta device: cost needs shapes, not weights."""
+    from vlmopt.frontend.load import load, resolve_model
+
+    path = resolve_model(model)
+    has_weights = any(path.glob("*.safetensors"))
+    return load(model, device="cpu" if has_weights else "meta")
+
+
+def cmd_flops(args) -> int:
+    from vlmopt.api import apply_plan, flops
+
+    lm = _load_for_cost(args.model)
+    graph = apply_plan(lm, args.plan, verify=True) if args.plan else None
+    res = flops(lm, graph, n_text=args.prompt_tokens)
+    if args.json:
+        print(json.dumps({"model": args.model, "plan": args.plan, **res}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"prefill FLOPs: {args.model}" + (f" + {args.plan}" if args.plan else "")
+              + f" ({res['n_visual']} visual + {res['n_text']} text tokens)")
+    t.add_column("node")
+    t.add_column("visual tokens", justify="right")
+    t.add_column("GFLOPs", justify="right")
+    t.add_column("share", justify="right")
+    vis = res["visual_tokens_per_layer"]
+    for k, v in res["per_node"].items():
+        if k == "total":
+            continue
+        nv = str(vis[int(k.split("_")[1])]) if k.startswith("layer_") else ""
+        t.add_row(k, nv, f"{v / 1e9:,.3f}", f"{v / res['total']:.1%}")
+    Console().print(t)
+    print(f"total {res['total'] / 1e12:.4f} TFLOPs  original {res['original_total'] / 1e12:.4f} "
+          f"TFLOPs  ratio {res['ratio']:.4f}")
+    print(f"decode {res['decode_flops_per_token'] / 1e9:.3f} GFLOPs/token  KV cache "
+          f"{sum(res['kv_cache_bytes_per_layer']) / 2**20:.2f} MiB")
+    return 0
+
+
+def _fresh_out(out: Path) -> Path:
+    """A temp dir beside ``out``; renamed to ``out`` only when everything was written."""
+    import tempfile
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VlmoptError(f"--out {out}: exists and is not empty (nothing overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty, checked by _fresh_out
+    tmp.rename(out)
+
+
+def cmd_apply(args) -> int:
+    import shutil
+
+    from vlmopt.api import apply_plan, flops
+    from vlmopt.ir.capture import readable
+    from vlmopt.plan import Plan
+
+    plan = Plan.load(args.plan)
+    lm = _load_for_cost(args.model)
+    out = Path(args.out)
+    tmp = _fresh_out(out)
+    try:
+        gm = apply_plan(lm, plan, verify=True, dump_dir=args.dump_dir)
+        plan.save(tmp / "plan.json")
+        (tmp / "graph.txt").write_text(readable(gm))
+        cost = flops(lm, gm)
+        (tmp / "passes.json").write_text(json.dumps(
+            {"passes": gm.meta["vlmopt"]["report"], "flops_ratio": cost["ratio"]}, indent=2))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"applied {len(plan.passes)} pass(es); prefill FLOPs ratio {cost['ratio']:.4f}; "
+          f"wrote {out} (ONNX export: not yet)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -124,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed a flat grey image instead (measures how much answers need it)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    f = sub.add_parser("flops", help="analytic prefill/decode FLOPs per node, and the ratio")
+    f.add_argument("model", help="checkpoint or config-only directory, or builtin:synth-llava")
+    f.add_argument("--plan", help="plan.json to apply before counting")
+    f.add_argument("--prompt-tokens", type=_nonneg("--prompt-tokens"), default=32,
+                   help="text (non-visual) prompt tokens per sample (default 32)")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=cmd_flops)
+
+    a = sub.add_parser("apply", help="apply a plan.json to a model")
+    a.add_argument("plan")
+    a.add_argument("model")
+    a.add_argument("--out", required=True)
+    a.add_argument("--dump-dir", help="write the readable graph after each pass here")
+    a.set_defaults(fn=cmd_apply)
     return p
 
 

@@ -155,6 +155,7 @@ def fingerprint(path: Path) -> str:
 def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
          seed: int = 0) -> LoadedModel:
     """Load a LLaVA checkpoint directory or a built-in model, offline."""
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     path = resolve_model(spec)
@@ -174,7 +175,7 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | N
             model = LlavaForConditionalGeneration.from_pretrained(
                 path, config=config, local_files_only=True, use_safetensors=True,
                 trust_remote_code=False, dtype=dtype or torch.float32)
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise VlmoptError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
     else:
         log.info("%s has no weights: building with %s", path,

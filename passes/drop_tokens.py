@@ -1,0 +1,129 @@
+"""drop_tokens: layer_{k-1} -> layer_k  becomes  layer_{k-1} -> score -> keep-top-k -> layer_k.
+
+Ensures: from layer k on, each sample carries exactly ``keep[k]`` visual tokens (static counts,
+non-increasing with depth); text tokens are never dropped; kept tokens keep their original
+position ids and order; the causal mask and RoPE are rebuilt for the shorter sequence.
+Requires: a captured LLaVA graph; counts not above what the previous passes left.
+
+Scorers (shared/methods.md sections 2, 5, 9):
+  last_query + score_at="previous": FastV - the last prompt token's head-mean attention in the
+      layer before the cut (layer k-1, from its input), as in FastV's code;
+  last_query + score_at="next": PyramidDrop - the same row recomputed with layer k's norm/q/k
+      on the hidden states at the cut;
+  text_mean: mean attention from every text token (text-guided);  random: a fixed hash of the
+      original positions (the baseline).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from vlmopt.ir import tokens
+from vlmopt.ir.capture import decoder_nodes
+from vlmopt.ir.rewrite import ChainState, add_module, insert_token_change
+from vlmopt.pipeline import PassResult, register_pass
+
+SCORERS = ("last_query", "text_mean", "random")
+SCORE_AT = ("previous", "next")
+_LAYER = re.compile(r"^layer_(\d+)$")
+
+
+@dataclass(frozen=True)
+class Config:
+    # visual tokens kept from that layer on, e.g. {"layer_2": 98}; {} = identity
+    keep: dict = field(default_factory=dict)
+    scorer: str = "last_query"
+    score_at: str = "previous"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.keep, dict):
+            raise ValueError("field 'keep' must map layer names to counts")
+        last = None
+        for name, n in sorted(self.keep.items(), key=lambda kv: _layer_index(kv[0])):
+            i = _layer_index(name)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"field 'keep': {name} must be a count >= 0, got {n!r}")
+            if i == 0 and self.score_at == "previous":
+                raise ValueError("field 'keep': layer_0 has no previous layer to score with; "
+                                 "use score_at='next' or select_visual")
+            if last is not None and n > last:
+                raise ValueError(f"field 'keep': counts must not increase with depth ({name})")
+            last = n
+        if self.scorer not in SCORERS:
+            raise ValueError(f"field 'scorer' must be one of {SCORERS}, got {self.scorer!r}")
+        if self.score_at not in SCORE_AT:
+            raise ValueError(f"field 'score_at' must be one of {SCORE_AT}, got {self.score_at!r}")
+
+
+def _layer_index(name: str) -> int:
+    m = _LAYER.match(str(name))
+    if not m:
+        raise ValueError(f"field 'keep': {name!r} is not a layer name like 'layer_2'")
+    return int(m.group(1))
+
+
+# The search space lives beside the defaults: what a strategy may vary.
+SEARCH_SPACE = {"keep": "non-increasing visual count per layer", "scorer": list(SCORERS)}
+
+
+def fastv(k: int, r: float, n_visual: int) -> Config:
+    """FastV(K, R): after K layers, keep round(N * (1 - R)) visual tokens."""
+    return Config(keep={f"layer_{k}": round(n_visual * (1 - r))})
+
+
+def pdrop(layers: list[int], ratios: list[float], n_visual: int) -> Config:
+    """PyramidDrop: after each layer count r in ``layers``, keep int(N * ratio) (of the original)."""
+    if len(layers) != len(ratios):
+        raise ValueError("pdrop: layers and ratios differ in length")
+    return Config(keep={f"layer_{r}": int(n_visual * q) for r, q in zip(layers, ratios)},
+                  score_at="next")
+
+
+@register_pass("drop_tokens", Config)
+def run(gm: fx.GraphModule, config: Config) -> PassResult:
+    n_layers = gm.meta["vlmopt"]["n_layers"]
+    stats: dict = {"keep": {}, "skipped": []}
+    for name, keep in sorted(config.keep.items(), key=lambda kv: _layer_index(kv[0])):
+        k = _layer_index(name)
+        if k >= n_layers:
+            raise ValueError(f"drop_tokens: {name} does not exist (model has {n_layers} layers)")
+        decs = decoder_nodes(gm)
+        cur = decs[k].meta["vlmopt"]["n_visual"]
+        if keep > cur:
+            raise ValueError(f"drop_tokens: {name} keeps {keep} but only {cur} visual tokens "
+                             "reach it")
+        if keep == cur:
+            stats["skipped"].append(f"{name}: already {cur} visual tokens")
+            continue
+        src = decs[k - 1] if config.score_at == "previous" else decs[k]
+        hf_layer = gm.get_submodule(src.target).layer
+        mode = {"last_query": "last", "text_mean": "text_mean"}.get(config.scorer, "random")
+        if config.scorer == "random":
+            scorer = add_module(gm, f"score_{k}", tokens.HashScore(config.seed))
+        else:
+            scorer = add_module(gm, f"score_{k}", tokens.AttnScore(hf_layer, mode))
+        dropper = add_module(gm, f"drop_{k}", tokens.KeepTopK(cur, keep))
+        src_state = ChainState.at(src)
+
+        def build(g, st, scorer=scorer, dropper=dropper, src_state=src_state):
+            if config.scorer == "random":
+                s = g.call_module(scorer, (st.pos,))
+            else:  # FastV scores layer k-1 from its own input; PDrop layer k from the cut
+                s = g.call_module(scorer, (src_state.hidden, src_state.rope, st.visual,
+                                           st.amask))
+            s.meta["vlmopt"] = {"block": "score", "mode": "random" if config.scorer == "random"
+                                else mode, "n_visual": src.meta["vlmopt"]["n_visual"]}
+            d = g.call_module(dropper, (s, st.hidden, st.pos, st.visual, st.amask))
+            d.meta["vlmopt"] = {"block": "drop", "keep": keep}
+            return tuple(g.call_function(operator.getitem, (d, i)) for i in range(4))
+
+        insert_token_change(gm, k, build)
+        for d in decoder_nodes(gm)[k:]:
+            d.meta["vlmopt"]["n_visual"] = keep
+        stats["keep"][name] = keep
+    return PassResult(gm, bool(stats["keep"]), stats)

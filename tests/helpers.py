@@ -1,0 +1,77 @@
+"""Shared test helpers: a tiny LLaVA checkpoint built from the synth-llava template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlmopt.data import synthvqa
+from vlmopt.frontend import synth_llava
+
+REPO = Path(__file__).resolve().parent.parent
+BUILTIN_SYNTH_LLAVA = REPO / "vlmopt" / "builtin" / "synth-llava"
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, projection_dim=32)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=512)
+
+
+def make_tiny_config(decoder: str = "llama", kv_heads: int | None = None):
+    """(LlavaConfig, vocab): synth-llava's layout with a tiny vision tower and text model."""
+    from transformers import CLIPVisionConfig, Qwen2Config
+
+    kv = kv_heads or TINY_TEXT["num_attention_heads"]
+    cfg, vocab = synth_llava.make_config(**TINY_TEXT, num_key_value_heads=kv)
+    vision = cfg.vision_config.to_dict()
+    vision.update(TINY_VISION)
+    vision.pop("model_type", None)
+    cfg.vision_config = CLIPVisionConfig(**vision)
+    if decoder == "qwen2":
+        cfg.text_config = Qwen2Config(
+            vocab_size=len(vocab), num_key_value_heads=kv, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+            **TINY_TEXT)
+    elif decoder != "llama":
+        raise ValueError(f"unknown decoder {decoder!r}")
+    assert cfg.vision_config.image_size == synthvqa.IMAGE_SIZE
+    return cfg, vocab
+
+
+def build_tiny_model(decoder: str = "llama", kv_heads: int | None = None, *, cfg=None,
+                     seed: int = 0):
+    """The in-memory model that ``make_tiny_llava`` saves (same seed -> same weights)."""
+    from transformers import LlavaForConditionalGeneration
+
+    if cfg is None:
+        cfg, _ = make_tiny_config(decoder, kv_heads)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def make_tiny_llava(path, decoder: str = "llama", kv_heads: int | None = None,
+                    weights: bool = True) -> Path:
+    """Write a tiny LLaVA checkpoint directory at ``path`` and return it.
+
+    weights=True: safetensors weights (seeded, so deterministic) + processor files.
+    weights=False: config.json only (a config-only directory).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg, vocab = make_tiny_config(decoder, kv_heads)
+    if not weights:
+        cfg.save_pretrained(path)
+        return path
+    model = build_tiny_model(decoder, kv_heads, cfg=cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    synth_llava.make_processor(vocab).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows) -> Path:
+    """Write ``rows`` (dicts or raw strings) as a JSONL file."""
+    path = Path(path)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

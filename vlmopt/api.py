@@ -1,0 +1,107 @@
+"""The Python API: load, capture, apply_plan, flops, evaluate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import fx
+
+from vlmopt.frontend.load import LoadedModel
+from vlmopt.frontend.load import load as _load
+from vlmopt.ir.capture import capture as _capture
+from vlmopt.ir.capture import decoder_nodes
+from vlmopt.plan import Plan
+
+DEFAULT_TEXT_TOKENS = 32
+
+
+def load(spec: str | os.PathLike, **kwargs) -> LoadedModel:
+    """Load a LLaVA checkpoint directory (or ``builtin:synth-llava``) offline."""
+    return _load(spec, **kwargs)
+
+
+def capture(lm: LoadedModel) -> fx.GraphModule:
+    """The block graph of the model; bit-identical to the HF model with no pass applied."""
+    return _capture(lm)
+
+
+def apply_plan(lm: LoadedModel, plan: Plan | str | os.PathLike | dict, *, verify: bool = True,
+               example: dict | None = None, dump_dir: str | os.PathLike | None = None,
+               check_fingerprint: bool = True) -> fx.GraphModule:
+    """Capture ``lm`` and run the plan's passes on it (verifying after each pass)."""
+    from vlmopt.pipeline import run_passes
+
+    if isinstance(plan, dict):
+        plan = Plan.from_json(plan)
+    elif not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    if check_fingerprint:
+        plan.check_model(lm.fingerprint, lm.name)
+    gm, report = run_passes(_capture(lm), plan.passes, verify=verify, example=example,
+                            dump_dir=Path(dump_dir) if dump_dir else None)
+    gm.meta["vlmopt"]["report"] = report
+    return gm
+
+
+def layer_specs(gm: fx.GraphModule, n_text: int):
+    """The cost model's view of each decoder node of a (rewritten) graph."""
+    from vlmopt.cost import LayerSpec
+
+    specs = []
+    for n in decoder_nodes(gm):
+        info = n.meta["vlmopt"]
+        nv = info["n_visual"]
+        specs.append(LayerSpec(n_tokens=n_text + nv, n_visual=nv,
+                               frozen_visual=bool(info.get("frozen", False)),
+                               q_rank=info.get("q_rank"), k_rank=info.get("k_rank")))
+    return specs
+
+
+def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
+          n_text: int = DEFAULT_TEXT_TOKENS) -> dict:
+    """Analytic prefill FLOPs per node of ``graph`` (default: the original), its ratio to the
+    original, decode FLOPs per token and KV-cache bytes per layer, for ``n_text`` text tokens."""
+    from vlmopt import cost
+
+    shapes = cost.ModelShapes.from_config(lm.config)
+    base_gm = _capture(lm)
+    gm = graph if graph is not None else base_gm
+    base = cost.prefill_flops(shapes, layer_specs(base_gm, n_text))
+    specs = layer_specs(gm, n_text)
+    n_in = gm.meta["vlmopt"].get("n_visual_project")
+    opt = cost.prefill_flops(shapes, specs, n_visual_in=n_in)
+    for n in gm.graph.nodes:  # explicit scorers are part of the optimized model's cost
+        info = n.meta.get("vlmopt", {})
+        if info.get("block") == "score":
+            opt[n.name] = cost.score_flops(shapes, n_text + info["n_visual"], info["mode"])
+            opt["total"] += opt[n.name]
+    kv_len = [s.n_tokens for s in specs]
+    return {
+        "n_text": n_text,
+        "n_visual": shapes.n_visual,
+        "per_node": opt,
+        "total": opt["total"],
+        "original_total": base["total"],
+        "ratio": opt["total"] / base["total"],
+        "visual_tokens_per_layer": [s.n_visual for s in specs],
+        "decode_flops_per_token": cost.decode_flops_per_token(shapes, kv_len),
+        "kv_cache_bytes_per_layer": cost.kv_cache_bytes(shapes, kv_len),
+    }
+
+
+def evaluate(lm: LoadedModel, data, *, graph: fx.GraphModule | None = None,
+             limit: int | None = None, batch_size: int = 16, blank_image: bool = False):
+    """Accuracy of ``graph`` (default: the original model) on ``data``; agreement and KL are
+    measured against the original model on the same inputs."""
+    from vlmopt.data.dataset import load_records
+    from vlmopt.evaluate import evaluate as _evaluate
+    from vlmopt.evaluate import hf_runner
+    from vlmopt.ir.capture import graph_runner
+
+    records = data if isinstance(data, list) else load_records(data, limit=limit)
+    original = hf_runner(lm.model)
+    runner = graph_runner(graph) if graph is not None else original
+    ref = original if (graph is not None or blank_image) else None
+    return _evaluate(runner, records, lm.processor, reference=ref, batch_size=batch_size,
+                     blank_image=blank_image)

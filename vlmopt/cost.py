@@ -1,0 +1,387 @@
+"""Analytic cost model for LLaVA prefill and decode (FLOPs, KV-cache bytes, weight bytes).
+
+FLOPs are 2 per multiply-accumulate and count exactly the ops ``torch.utils.flop_counter`` counts:
+matmuls (linear/mm/bmm/addmm, bias adds excluded), the ViT patch-embedding convolution and
+scaled-dot-product attention over the FULL n x n score matrix (no causal halving). Norms,
+activations, RoPE, softmax and embedding lookups cost nothing here, as in ``FlopCounterMode``.
+
+``measure_prefill_flops`` cross-checks the formulas: it runs the real Hugging Face forward under
+``FlopCounterMode`` with fake parameters (``FakeTensorMode``), so a config-only 7B model is
+measured in seconds without allocating its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_HALF = {torch.float16, torch.bfloat16}
+_GATED_DECODERS = {"llama", "qwen2", "mistral"}
+
+
+def _dtype_bytes(dtype) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    return 2 if dtype in _HALF else 4
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """Every dimension the cost formulas need, read from a transformers ``LlavaConfig``."""
+
+    # vision tower (CLIP ViT)
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    n_vision_tokens: int  # tokens inside the ViT: patches (+1 CLS when has_cls)
+    has_cls: bool
+    # projector: Linear(proj_in -> d), act, Linear(d -> d)
+    n_feature_layers: int
+    proj_in: int  # vision_hidden * n_feature_layers
+    projector_bias: bool
+    # text decoder
+    d: int
+    m: int
+    n_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    n_visual: int  # visual tokens entering the LLM per image (CLS dropped for "default")
+    ffn_mats: int = 3  # SwiGLU: gate, up, down
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tied_embeddings: bool = False
+    bytes_per_el: int = 2
+
+    @property
+    def d_q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def d_kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_config(cls, config, *, bytes_per_el: int | None = None) -> ModelShapes:
+        vc, tc = config.vision_config, config.text_config
+        if vc.model_type != "clip_vision_model":
+            log.warning("vision tower %s: modelled as a CLIP ViT (extra heads are not counted)",
+                        vc.model_type)
+        has_cls = vc.model_type == "clip_vision_model"
+        n_patches = (vc.image_size // vc.patch_size) ** 2
+        layer = config.vision_feature_layer
+        n_feat = 1 if isinstance(layer, int) else len(layer)
+        drop_cls = has_cls and config.vision_feature_select_strategy == "default"
+        heads = tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        qwen2 = tc.model_type == "qwen2"
+        attn_bias = bool(getattr(tc, "attention_bias", False))
+        if bytes_per_el is None:
+            dtype = getattr(tc, "dtype", None) or getattr(config, "dtype", None)
+            bytes_per_el = _dtype_bytes(dtype)
+        if tc.model_type not in _GATED_DECODERS:
+            log.warning("decoder %s: assumed LLaMA-like (gated 3-matrix MLP)", tc.model_type)
+        return cls(
+            vision_hidden=vc.hidden_size, vision_intermediate=vc.intermediate_size,
+            vision_layers=vc.num_hidden_layers, vision_heads=vc.num_attention_heads,
+            image_size=vc.image_size, patch_size=vc.patch_size,
+            num_channels=getattr(vc, "num_channels", 3),
+            n_vision_tokens=n_patches + int(has_cls), has_cls=has_cls,
+            n_feature_layers=n_feat, proj_in=vc.hidden_size * n_feat,
+            projector_bias=bool(getattr(config, "multimodal_projector_bias", True)),
+            d=tc.hidden_size, m=tc.intermediate_size, n_layers=tc.num_hidden_layers,
+            heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=head_dim, vocab=tc.vocab_size,
+            n_visual=n_patches + int(has_cls and not drop_cls),
+            qkv_bias=qwen2 or attn_bias, o_bias=attn_bias and not qwen2,
+            mlp_bias=bool(getattr(tc, "mlp_bias", False)),
+            tied_embeddings=bool(getattr(tc, "tie_word_embeddings", False)
+                                 or getattr(config, "tie_word_embeddings", False)),
+            bytes_per_el=bytes_per_el,
+        )
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer as the optimized graph runs it (per sample)."""
+
+    n_tokens: int  # tokens entering this layer
+    n_visual: int  # of which visual
+    frozen_visual: bool = False  # ShortV: visual tokens get only K/V; queries/O/FFN text-only
+    q_rank: int | None = None  # low-rank W_q: d -> r -> d_q; None = dense
+    k_rank: int | None = None  # low-rank W_k: d -> r -> d_kv
+
+    def __post_init__(self):
+        if not 0 <= self.n_visual <= self.n_tokens:
+            raise ValueError(f"n_visual={self.n_visual} must lie in [0, n_tokens={self.n_tokens}]")
+
+
+def _proj_macs(n: int, d_in: int, d_out: int, rank: int | None) -> int:
+    # x[n, d_in] @ W[d_in, d_out], or x @ A[d_in, r] @ B[r, d_out] when low-rank
+    return n * d_in * d_out if rank is None else n * (d_in * rank + rank * d_out)
+
+
+def layer_flops(s: ModelShapes, spec: LayerSpec) -> int:
+    """FLOPs of one decoder layer at batch 1."""
+    n = spec.n_tokens
+    nq = n - spec.n_visual if spec.frozen_visual else n  # tokens that get queries, O and FFN
+    macs = (_proj_macs(nq, s.d, s.d_q, spec.q_rank)  # q: [nq, d] -> [nq, d_q]
+            + _proj_macs(n, s.d, s.d_kv, spec.k_rank)  # k: [n, d] -> [n, d_kv]
+            + n * s.d * s.d_kv  # v: [n, d] -> [n, d_kv]
+            + 2 * s.heads * nq * n * s.head_dim  # QK^T [h, nq, n] and A.V [h, nq, hd]
+            + nq * s.d_q * s.d  # o: [nq, d_q] -> [nq, d]
+            + s.ffn_mats * nq * s.d * s.m)  # gate/up [nq, m], down [nq, d]
+    return 2 * macs
+
+
+def vision_flops(s: ModelShapes) -> int:
+    """FLOPs of the whole CLIP tower for one image, as HF runs it (every encoder layer)."""
+    h, n = s.vision_hidden, s.n_vision_tokens
+    conv = s.n_patches * h * s.num_channels * s.patch_size ** 2  # patch_embedding conv
+    per_layer = (4 * n * h * h  # q, k, v, o: [n, h] -> [n, h]
+                 + 2 * n * n * h  # QK^T and A.V over all heads
+                 + 2 * n * h * s.vision_intermediate)  # fc1, fc2
+    return 2 * (conv + s.vision_layers * per_layer)  # post_layernorm on CLS: no matmul
+
+
+def projector_flops(s: ModelShapes, n_tokens: int) -> int:
+    # [n, proj_in] -> [n, d] -> [n, d]
+    return 2 * n_tokens * (s.proj_in * s.d + s.d * s.d)
+
+
+def head_flops(s: ModelShapes) -> int:
+    return 2 * s.d * s.vocab  # LM head on the last position only (logits_to_keep=1)
+
+
+def baseline_layers(s: ModelShapes, n_text: int) -> list[LayerSpec]:
+    """The identity plan: every layer sees all n_text + n_visual tokens."""
+    return [LayerSpec(n_text + s.n_visual, s.n_visual) for _ in range(s.n_layers)]
+
+
+def prefill_flops(s: ModelShapes, layers: list[LayerSpec], *, n_visual_in: int | None = None,
+                  batch: int = 1) -> dict[str, int]:
+    """Per-node prefill FLOPs (one image per sample): vision, project, layer_i, head, total."""
+    if len(layers) != s.n_layers:
+        raise ValueError(f"{len(layers)} layer specs for a {s.n_layers}-layer decoder")
+    n_in = s.n_visual if n_visual_in is None else n_visual_in
+    out = {"vision": vision_flops(s), "project": projector_flops(s, n_in)}
+    for i, spec in enumerate(layers):
+        out[f"layer_{i}"] = layer_flops(s, spec)
+    out["head"] = head_flops(s)
+    out = {k: batch * v for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def decode_flops_per_token(s: ModelShapes, kv_lengths: list[int],
+                           layers: list[LayerSpec] | None = None) -> int:
+    """FLOPs to generate one token given each layer's KV length before it (batch 1).
+
+    The new token is text, so frozen layers run in full; low ranks in ``layers`` apply.
+    """
+    if len(kv_lengths) != s.n_layers:
+        raise ValueError(f"{len(kv_lengths)} KV lengths for a {s.n_layers}-layer decoder")
+    total = head_flops(s)
+    for i, kv in enumerate(kv_lengths):
+        spec = layers[i] if layers else None
+        q_rank = spec.q_rank if spec else None
+        k_rank = spec.k_rank if spec else None
+        macs = (_proj_macs(1, s.d, s.d_q, q_rank) + _proj_macs(1, s.d, s.d_kv, k_rank)
+                + s.d * s.d_kv + s.d_q * s.d + s.ffn_mats * s.d * s.m
+                + 2 * s.heads * (kv + 1) * s.head_dim)  # attends to the cache plus itself
+        total += 2 * macs
+    return total
+
+
+def kv_cache_bytes(s: ModelShapes, kv_lengths: list[int],
+                   bytes_per_el: int | None = None) -> list[int]:
+    """Per layer: K and V, each [kv_len, kv_heads, head_dim]."""
+    b = s.bytes_per_el if bytes_per_el is None else bytes_per_el
+    return [2 * kv * s.kv_heads * s.head_dim * b for kv in kv_lengths]
+
+
+def weight_bytes(s: ModelShapes, layers: list[LayerSpec] | None = None,
+                 bytes_per_el: int | None = None) -> dict[str, int]:
+    """Parameter bytes per node: vision, project, embed, layer_i, head (+ norm), total.
+
+    Low ranks in ``layers`` shrink W_q/W_k. A tied LM head shares the embedding's storage: its
+    entry is 0 and only its final norm is counted (decode still reads the matrix once per token).
+    """
+    b = s.bytes_per_el if bytes_per_el is None else bytes_per_el
+    h, i = s.vision_hidden, s.vision_intermediate
+    vision = (s.num_channels * s.patch_size ** 2 * h  # patch conv, no bias
+              + h * int(s.has_cls) + s.n_vision_tokens * h  # class + position embeddings
+              + 2 * 2 * h  # pre_layrnorm, post_layernorm
+              + s.vision_layers * (4 * (h * h + h) + 2 * 2 * h + 2 * h * i + i + h))
+    proj = s.proj_in * s.d + s.d * s.d + 2 * s.d * int(s.projector_bias)
+    out = {"vision": vision, "project": proj, "embed": s.vocab * s.d}
+    for li in range(s.n_layers):
+        spec = layers[li] if layers else LayerSpec(0, 0)
+        out[f"layer_{li}"] = (
+            _proj_macs(1, s.d, s.d_q, spec.q_rank) + _proj_macs(1, s.d, s.d_kv, spec.k_rank)
+            + s.d * s.d_kv + s.d_q * s.d + s.ffn_mats * s.d * s.m + 2 * s.d  # 2 RMSNorms
+            + (s.d_q + 2 * s.d_kv) * int(s.qkv_bias) + s.d * int(s.o_bias)
+            + ((s.ffn_mats - 1) * s.m + s.d) * int(s.mlp_bias))
+    out["head"] = s.d * s.vocab * int(not s.tied_embeddings) + s.d  # + final norm
+    out = {k: b * v for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------- measurement (FlopCounterMode)
+
+_aten = torch.ops.aten
+# SDPA kernels FlopCounterMode (torch 2.13) has no formula for: CPU flash (the CPU default, whose
+# FLOPs would otherwise silently vanish) and the backend-overridable fused op. The math path is
+# CompositeImplicit and decomposes into counted bmm's.
+_UNCOUNTED_SDPA = [name for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                                     "_scaled_dot_product_fused_attention_overrideable")
+                   if hasattr(_aten, name)]
+
+
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # same as torch's sdpa_flop
+
+
+def register_sdpa_flop_formulas() -> None:
+    """Register ``_sdpa_flop`` for the SDPA kernels torch lacks formulas for (idempotent)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    missing = [getattr(_aten, n) for n in _UNCOUNTED_SDPA if getattr(_aten, n) not in flop_registry]
+    if missing:
+        register_flop_formula(missing)(_sdpa_flop)
+
+
+def _fake_state(model: torch.nn.Module, mode) -> dict[str, torch.Tensor]:
+    """Fake CPU tensors shaped like every parameter and buffer (tied names included)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    state: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
+    with mode:
+        for name, t in named:
+            if id(t) not in by_id:  # keep ties tied
+                by_id[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                   device="cpu")
+            state[name] = by_id[id(t)]
+    return state
+
+
+def measure_prefill_breakdown(model: torch.nn.Module, batch: dict) -> dict[str, int]:
+    """FlopCounterMode FLOPs of one prefill forward, per node (keys as ``prefill_flops``).
+
+    ``model``: a LlavaForConditionalGeneration with real, meta or fake parameters; real and meta
+    ones are swapped for fake tensors (``torch.func.functional_call``), so nothing is computed
+    or allocated. ``batch``: input_ids, pixel_values, attention_mask... as real tensors (the
+    image-token count check needs real input_ids). "other" holds FLOPs outside the named nodes.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_sdpa_flop_formulas()
+    kwargs = dict(batch, logits_to_keep=1, use_cache=False)
+    first = next(model.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        if isinstance(first, FakeTensor):
+            model(**kwargs)
+        else:
+            # real inputs meet fake weights: FakeTensor dispatch needs allow_non_fake_inputs
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            torch.func.functional_call(model, _fake_state(model, mode), args=(), kwargs=kwargs)
+    out: dict[str, int] = {}
+    for mod, counts in fc.get_flop_counts().items():
+        n = sum(counts.values())
+        if mod.endswith(".vision_tower"):
+            out["vision"] = n
+        elif mod.endswith(".multi_modal_projector"):
+            out["project"] = n
+        elif mod.endswith(".lm_head"):
+            out["head"] = n
+        elif m := re.search(r"\.language_model\.layers\.(\d+)$", mod):
+            out[f"layer_{m.group(1)}"] = n
+    total = fc.get_total_flops()
+    out["other"] = total - sum(out.values())
+    out["total"] = total
+    return out
+
+
+def measure_prefill_flops(model: torch.nn.Module, batch: dict) -> int:
+    """Total FlopCounterMode FLOPs of ``model(**batch, logits_to_keep=1, use_cache=False)``."""
+    return measure_prefill_breakdown(model, batch)["total"]
+
+
+def fake_llava(config) -> torch.nn.Module:
+    """A LlavaForConditionalGeneration with fake parameters: real shapes, no memory (7B: ~2 s)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import LlavaForConditionalGeneration
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = LlavaForConditionalGeneration(config)
+    return model.eval()
+
+
+def score_flops(s: ModelShapes, n_tokens: int, mode: str) -> int:
+    """An explicit attention scorer (vlmopt.ir.tokens.AttnScore) over ``n_tokens`` tokens:
+    q for the query rows, k for every token, and q·k^T. mode "last" = one query row."""
+    if mode == "random":
+        return 0
+    n_q = 1 if mode == "last" else n_tokens
+    macs = n_q * s.d * s.d_q + n_tokens * s.d * s.d_kv + s.heads * n_q * n_tokens * s.head_dim
+    return 2 * macs
+
+
+def measure_graph_breakdown(gm: torch.nn.Module, batch: dict) -> dict[str, int]:
+    """FlopCounterMode FLOPs of one run of a vlmopt block graph, per graph node (by name).
+
+    Parameters are swapped for fake tensors as in ``measure_prefill_breakdown``; each node's
+    FLOPs are the counter's growth while that node runs, so shared submodules cannot confuse
+    the attribution. Nodes that count nothing are left out.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx import Interpreter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_sdpa_flop_formulas()
+    out: dict[str, int] = {}
+
+    class _Count(Interpreter):
+        def run_node(self, n):
+            before = fc.get_total_flops()
+            res = super().run_node(n)
+            if fc.get_total_flops() > before:
+                out[n.name] = fc.get_total_flops() - before
+            return res
+
+    class _Run(torch.nn.Module):  # functional_call needs a module whose forward interprets
+        def __init__(self):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, *args):
+            return _Count(self.gm).run(*args)
+
+    runner = _Run()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        torch.func.functional_call(runner, _fake_state(runner, mode),
+                                   args=tuple(batch[k] for k in names))
+    out["total"] = fc.get_total_flops()
+    return out

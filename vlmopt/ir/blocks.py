@@ -1,0 +1,124 @@
+"""Leaf modules of the block graph. Each wraps (shares, never copies) one part of the HF model.
+
+They call exactly the code transformers runs in ``LlavaForConditionalGeneration.forward``, in
+the same order and with the same arguments, which is what makes the identity plan bit-exact.
+Passes never mutate these in place: they add new modules and rewire nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Vision(nn.Module):
+    """pixel_values [B, 3, H, W] -> features of the layer the projector reads [B, Nv, Dv]."""
+
+    def __init__(self, tower: nn.Module, feature_layer: int, drop_cls: bool):
+        super().__init__()
+        self.tower, self.feature_layer, self.drop_cls = tower, feature_layer, drop_cls
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.feature_layer]  # [B, 1 + Nv, Dv]
+        return feats[:, 1:] if self.drop_cls else feats
+
+
+class Project(nn.Module):
+    """Visual features [B, Nv, Dv] -> LLM embeddings [B, Nv, D]."""
+
+    def __init__(self, projector: nn.Module):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.projector(feats)
+
+
+class Embed(nn.Module):
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)  # [B, T, D]
+
+
+class Merge(nn.Module):
+    """Scatter image embeddings into the image-token slots; also returns the visual mask."""
+
+    def __init__(self, image_token_id: int):
+        super().__init__()
+        self.image_token_id = image_token_id
+
+    def forward(self, tok: torch.Tensor, img: torch.Tensor, input_ids: torch.Tensor):
+        visual = input_ids == self.image_token_id  # [B, T]
+        slots = visual.unsqueeze(-1).expand_as(tok)  # [B, T, D]
+        # NOTE: same op as HF (masked_scatter of the flattened image features): a pure copy
+        hidden = tok.masked_scatter(slots, img.reshape(-1, img.shape[-1]).to(tok.dtype))
+        return hidden, visual
+
+
+class CausalMask(nn.Module):
+    """The 4-D mask HF builds for this attention implementation (None when SDPA can use
+    is_causal). Rebuilt after every change of T: kept tokens are sorted, so index-causal is right."""
+
+    def __init__(self, text_config):
+        super().__init__()
+        self.config = text_config
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        # NOTE: an explicit 2-D mask is always passed; with None, HF reads gapped position ids
+        # (left after a token drop) as packed sequences and builds a block-diagonal mask.
+        return create_causal_mask(config=self.config, inputs_embeds=hidden,
+                                  attention_mask=attention_mask, past_key_values=None,
+                                  position_ids=position_ids)
+
+
+class Rope(nn.Module):
+    """Rotary (cos, sin) [B, T, hd] from the position ids that flow with the tokens."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        self.rotary = rotary
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.rotary(hidden, position_ids=position_ids)
+
+
+class Decoder(nn.Module):
+    """One HF decoder layer on [B, T, D]. It is handed the whole chain state (visual mask and
+    padding mask too) so that a pass can read the state at any layer from the node's args."""
+
+    is_decoder_block = True
+
+    def __init__(self, layer: nn.Module, index: int):
+        super().__init__()
+        self.layer, self.index = layer, index
+
+    def forward(self, hidden, mask, rope, position_ids, visual_mask=None, attention_mask=None):
+        return self.layer(hidden, attention_mask=mask, position_embeddings=rope,
+                          position_ids=position_ids, past_key_values=None, use_cache=False)
+
+
+class Norm(nn.Module):
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class Head(nn.Module):
+    """LM head on the last position only (the last prompt token is never dropped): [B, V]."""
+
+    def __init__(self, lm_head: nn.Module):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden[:, -1:, :])[:, 0]

@@ -1,0 +1,97 @@
+"""plan.json: the one serializable description of an optimization.
+
+    {"schema": "vlmopt.plan/1",
+     "model": {"name": "builtin:synth-llava", "fingerprint": "sha256:..."},
+     "target": {"flops": 0.3},                      # or null
+     "passes": [{"name": "drop_tokens", "config": {...}}, ...],   # in pipeline.ORDER
+     "provenance": {"tool": "vlmopt 0.1.0", "search": null, "seed": null, "objective": null}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmopt import pipeline
+from vlmopt.errors import PlanError
+
+SCHEMA = "vlmopt.plan/1"
+
+
+@dataclass
+class Plan:
+    model_name: str
+    fingerprint: str
+    passes: list[tuple[str, Any]] = field(default_factory=list)  # (name, Config)
+    target: dict | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        from vlmopt import __version__
+
+        return {
+            "schema": SCHEMA,
+            "model": {"name": self.model_name, "fingerprint": self.fingerprint},
+            "target": self.target,
+            "passes": [{"name": n, "config": dataclasses.asdict(c)} for n, c in self.passes],
+            "provenance": {"tool": f"vlmopt {__version__}", **self.provenance},
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "plan") -> "Plan":
+        def need(d, key, typ, ctx):
+            if not isinstance(d, dict) or key not in d:
+                raise PlanError(f"{where}: missing field '{ctx}{key}'")
+            if not isinstance(d[key], typ):
+                raise PlanError(f"{where}: field '{ctx}{key}' must be {typ.__name__}")
+            return d[key]
+
+        if not isinstance(obj, dict):
+            raise PlanError(f"{where}: a plan is a JSON object")
+        schema = need(obj, "schema", str, "")
+        if schema != SCHEMA:
+            raise PlanError(f"{where}: field 'schema' is {schema!r}; this vlmopt reads {SCHEMA!r}")
+        model = need(obj, "model", dict, "")
+        name = need(model, "name", str, "model.")
+        fp = need(model, "fingerprint", str, "model.")
+        steps = []
+        for i, p in enumerate(need(obj, "passes", list, "")):
+            pname = need(p, "name", str, f"passes[{i}].")
+            fields = need(p, "config", dict, f"passes[{i}].")
+            steps.append((pname, pipeline.make_config(pname, fields, f"{where}: passes[{i}]: ")))
+        try:
+            pipeline.check_order([n for n, _ in steps])
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
+        target = obj.get("target")
+        if target is not None and not isinstance(target, dict):
+            raise PlanError(f"{where}: field 'target' must be an object or null")
+        prov = obj.get("provenance") or {}
+        return cls(name, fp, steps, target, {k: v for k, v in prov.items() if k != "tool"})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: plan file not found")
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_json(obj, str(path))
+
+    def check_model(self, fingerprint: str, name: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise PlanError(f"plan was made for model {self.model_name!r} "
+                            f"(fingerprint {self.fingerprint}), not {name!r} ({fingerprint})")
