@@ -10,10 +10,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# NOTE: one thread. On a small, busy machine tiny ops with several OpenMP threads are ~25x slower
+# (threads spin waiting for each other); subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from helpers import make_tiny_llava  # noqa: E402
+import torch
 
-from vlmopt.data import synthvqa  # noqa: E402
+torch.set_num_threads(1)
+
+from helpers import make_tiny_llava
+
+from vlmopt.data import synthvqa
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ from vlmopt.frontend import synth_llava
 REPO = Path(__file__).resolve().parent.parent
 BUILTIN_SYNTH_LLAVA = REPO / "vlmopt" / "builtin" / "synth-llava"
 
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                   num_attention_heads=2, projection_dim=32)
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=512)
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "projection_dim": 32}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 512}
 
 
 def make_tiny_config(decoder: str = "llama", kv_heads: int | None = None):

@@ -155,7 +155,7 @@ def test_builtin_split_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMOPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(synthvqa.SPLIT_SIZES, "calib", 4)
     recs = load_records("builtin:synthvqa-calib")
-    path = tmp_path / "cache" / "synthvqa-calib-v1" / "data.jsonl"
+    path = tmp_path / "cache" / f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}" / "data.jsonl"
     assert path.is_file() and len(recs) == 4
     seed = synthvqa.SPLIT_SEEDS["calib"]
     for i, r in enumerate(recs):
@@ -165,5 +165,5 @@ def test_builtin_split_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert dataset.builtin_split("calib") == path
     assert path.stat().st_mtime_ns == mtime  # reused, not regenerated
-    assert [p.name for p in path.parent.parent.iterdir()] == ["synthvqa-calib-v1"]  # no temp dirs
+    assert [p.name for p in path.parent.parent.iterdir()] == [f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}"]  # no temp dirs
     assert json.loads(path.read_text().splitlines()[0])["image"] == "images/00000.png"

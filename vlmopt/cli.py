@@ -153,6 +153,44 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from vlmopt.analysis import layer_contribution, rank_layers
+    from vlmopt.data.dataset import load_records
+    from vlmopt.frontend.load import load, resolve_model
+
+    resolve_model(args.model)
+    calib = args.calib or ("builtin:synthvqa-calib" if args.model == "builtin:synth-llava"
+                           else None)
+    if calib is None:
+        raise VlmoptError(f"--calib is required for model {args.model}")
+    records = load_records(calib, limit=args.limit)
+    lm = load(args.model)
+    advance, close = _progress(len(records), "layer contribution")
+    try:
+        lc = layer_contribution(lm, records, batch_size=args.batch_size, progress=advance,
+                                use_cache=not args.no_cache)
+    finally:
+        close()
+    order = rank_layers(lc)
+    if args.json:
+        print(json.dumps({"model": args.model, "calib": calib, "n": len(records),
+                          "layer_contribution": {f"layer_{i}": v for i, v in enumerate(lc)},
+                          "freeze_order": order}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Layer Contribution (KL when visual tokens get no update), {len(records)} "
+              f"samples of {calib}")
+    t.add_column("layer")
+    t.add_column("LC", justify="right")
+    t.add_column("freeze rank", justify="right")
+    for i, v in enumerate(lc):
+        t.add_row(f"layer_{i}", f"{v:.5f}", str(order.index(f"layer_{i}") + 1))
+    Console().print(t)
+    return 0
+
+
 def _fresh_out(out: Path) -> Path:
     """A temp dir beside ``out``; renamed to ``out`` only when everything was written."""
     import tempfile
@@ -228,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text (non-visual) prompt tokens per sample (default 32)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=cmd_flops)
+
+    z = sub.add_parser("analyze", help="Layer Contribution per decoder layer (ShortV)")
+    z.add_argument("model")
+    z.add_argument("--calib", help="calibration JSONL (default for builtin:synth-llava: "
+                   "builtin:synthvqa-calib)")
+    z.add_argument("--limit", type=_positive("--limit"), default=64)
+    z.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    z.add_argument("--no-cache", action="store_true", help="recompute even if cached")
+    z.add_argument("--json", action="store_true")
+    z.set_defaults(fn=cmd_analyze)
 
     a = sub.add_parser("apply", help="apply a plan.json to a model")
     a.add_argument("plan")

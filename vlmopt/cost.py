@@ -12,6 +12,7 @@ measured in seconds without allocating its weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -269,30 +270,45 @@ def register_sdpa_flop_formulas() -> None:
         register_flop_formula(missing)(_sdpa_flop)
 
 
-def _fake_state(model: torch.nn.Module, mode) -> dict[str, torch.Tensor]:
-    """Fake CPU tensors shaped like every parameter and buffer (tied names included)."""
-    named = list(model.named_parameters(remove_duplicate=False))
-    named += list(model.named_buffers(remove_duplicate=False))
-    state: dict[str, torch.Tensor] = {}
-    by_id: dict[int, torch.Tensor] = {}
-    with mode:
-        for name, t in named:
-            if id(t) not in by_id:  # keep ties tied
-                by_id[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
-                                                   device="cpu")
-            state[name] = by_id[id(t)]
-    return state
+@contextlib.contextmanager
+def fake_weights(model: torch.nn.Module):
+    """Temporarily replace every parameter and buffer with a fake tensor of the same shape.
+
+    Swaps per unique module object, so a module shared by several graph nodes (a scorer reading
+    a decoder layer's projections) is swapped and restored exactly once. Ties stay tied.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    saved: list[tuple[dict, str, torch.Tensor]] = []
+    fakes: dict[int, torch.Tensor] = {}
+    try:
+        with mode:
+            for mod in {id(m): m for m in model.modules()}.values():
+                for store in (mod._parameters, mod._buffers):
+                    for name, t in list(store.items()):
+                        if t is None:
+                            continue
+                        if id(t) not in fakes:
+                            fakes[id(t)] = torch.empty_strided(t.shape, t.stride(),
+                                                               dtype=t.dtype, device="cpu")
+                        saved.append((store, name, t))
+                        store[name] = fakes[id(t)]
+        yield
+    finally:
+        for store, name, t in reversed(saved):
+            store[name] = t
 
 
 def measure_prefill_breakdown(model: torch.nn.Module, batch: dict) -> dict[str, int]:
     """FlopCounterMode FLOPs of one prefill forward, per node (keys as ``prefill_flops``).
 
     ``model``: a LlavaForConditionalGeneration with real, meta or fake parameters; real and meta
-    ones are swapped for fake tensors (``torch.func.functional_call``), so nothing is computed
+    ones are swapped for fake tensors (``fake_weights``), so nothing is computed
     or allocated. ``batch``: input_ids, pixel_values, attention_mask... as real tensors (the
     image-token count check needs real input_ids). "other" holds FLOPs outside the named nodes.
     """
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils.flop_counter import FlopCounterMode
 
     register_sdpa_flop_formulas()
@@ -302,9 +318,8 @@ def measure_prefill_breakdown(model: torch.nn.Module, batch: dict) -> dict[str, 
         if isinstance(first, FakeTensor):
             model(**kwargs)
         else:
-            # real inputs meet fake weights: FakeTensor dispatch needs allow_non_fake_inputs
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            torch.func.functional_call(model, _fake_state(model, mode), args=(), kwargs=kwargs)
+            with fake_weights(model):  # real inputs meet fake weights
+                model(**kwargs)
     out: dict[str, int] = {}
     for mod, counts in fc.get_flop_counts().items():
         n = sum(counts.values())
@@ -354,7 +369,6 @@ def measure_graph_breakdown(gm: torch.nn.Module, batch: dict) -> dict[str, int]:
     FLOPs are the counter's growth while that node runs, so shared submodules cannot confuse
     the attribution. Nodes that count nothing are left out.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx import Interpreter
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -369,19 +383,8 @@ def measure_graph_breakdown(gm: torch.nn.Module, batch: dict) -> dict[str, int]:
                 out[n.name] = fc.get_total_flops() - before
             return res
 
-    class _Run(torch.nn.Module):  # functional_call needs a module whose forward interprets
-        def __init__(self):
-            super().__init__()
-            self.gm = gm
-
-        def forward(self, *args):
-            return _Count(self.gm).run(*args)
-
-    runner = _Run()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        torch.func.functional_call(runner, _fake_state(runner, mode),
-                                   args=tuple(batch[k] for k in names))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, fake_weights(gm):
+        _Count(gm).run(*(batch[k] for k in names))
     out["total"] = fc.get_total_flops()
     return out

@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 
 def builtin_split(split: str) -> Path:
     """Path of the data.jsonl of a fixed SynthVQA split, generating it on first use."""
-    d = cache_dir() / f"synthvqa-{split}-v1"
+    d = cache_dir() / f"synthvqa-{split}-v{synthvqa.GENERATOR_VERSION}"
     if (d / "data.jsonl").exists():
         return d / "data.jsonl"
     d.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ GLYPHS = {
 }
 COUNT_WORDS = tuple(str(i) for i in range(9))
 
+# Bumped whenever the generator's output changes; names the cached builtin splits.
+GENERATOR_VERSION = 2
 # Fixed seeds that define the released splits. Changing them changes the datasets.
 SPLIT_SEEDS = {"train": 0, "calib": 1_000_003, "test": 2_000_003}
 SPLIT_SIZES = {"calib": 256, "test": 1050}
@@ -79,13 +81,17 @@ class Scene:
     texture: dict = field(default_factory=dict)
 
 
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
 def vocabulary() -> list[str]:
     """Every word a SynthVQA prompt or answer can contain (used to build the tokenizer)."""
     words = set()
     for t in QUESTION_TYPES:
         for q in _TEMPLATE_WORDS[t]:
             words.update(q.split())
-    words.update(SHAPES, (s + "s" for s in SHAPES), COLOURS, SIZES, QUADRANTS, RELATIONS)
+    words.update(SHAPES, (plural(s) for s in SHAPES), COLOURS, SIZES, QUADRANTS, RELATIONS)
     words.update(COUNT_WORDS, GLYPHS, ("yes", "no", "?", ",", ".", ":"))
     return sorted(words)
 
@@ -120,21 +126,7 @@ def _background(rng: random.Random) -> tuple[np.ndarray, dict]:
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, o: Obj) -> None:
-    r = SIZES[o.size]
-    c = COLOURS[o.colour]
-    x, y = o.x, o.y
-    if o.shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=c)
-    elif o.shape == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=c)
-    elif o.shape == "triangle":
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=c)
-    elif o.shape == "cross":
-        w = max(2, r // 2)
-        draw.rectangle([x - r, y - w, x + r, y + w], fill=c)
-        draw.rectangle([x - w, y - r, x + w, y + r], fill=c)
-    else:  # pragma: no cover - guarded by SHAPES
-        raise ValueError(f"unknown shape {o.shape!r}")
+    _draw_shape(draw, o, COLOURS[o.colour])
 
 
 def render(scene: Scene) -> Image.Image:
@@ -152,6 +144,50 @@ def render(scene: Scene) -> Image.Image:
             if ch == "#":
                 draw.point((gx + 2 + col, gy + 2 + row), fill=(0, 0, 0))
     return img
+
+
+def patch_labels(scene: Scene, patch: int) -> np.ndarray:
+    """Per-patch ground truth [3, G, G] (row-major like ViT patches): colour id, shape id (0 =
+    background, else 1 + index in COLOURS / SHAPES) and glyph id (0 = none, else 1 + index in
+    GLYPHS) of what covers most of each patch. Used as dense auxiliary supervision in training."""
+    lab = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(lab)
+    for i, o in enumerate(scene.objects):
+        _draw_shape(draw, o, i + 1)
+    gx, gy = scene.glyph_xy
+    draw.rectangle([gx, gy, gx + 8, gy + 10], fill=255)
+    arr = np.asarray(lab)
+    G = IMAGE_SIZE // patch
+    out = np.zeros((3, G, G), dtype=np.int64)
+    colours, glyphs = list(COLOURS), list(GLYPHS)
+    for r in range(G):
+        for c in range(G):
+            cell = arr[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            vals, counts = np.unique(cell[cell > 0], return_counts=True)
+            if len(vals) == 0 or counts.max() < patch * patch // 8:
+                continue
+            v = int(vals[counts.argmax()])
+            if v == 255:
+                out[2, r, c] = 1 + glyphs.index(scene.glyph)
+            else:
+                o = scene.objects[v - 1]
+                out[0, r, c] = 1 + colours.index(o.colour)
+                out[1, r, c] = 1 + SHAPES.index(o.shape)
+    return out
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, fill: int) -> None:
+    r, x, y = SIZES[o.size], o.x, o.y
+    if o.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif o.shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    else:
+        w = max(2, r // 2)
+        draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
+        draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -231,7 +267,7 @@ def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
     if qtype == "count":
         if rng.random() < 0.5:
             s = rng.choice(SHAPES)
-            return f"How many {s}s are there?", str(sum(o.shape == s for o in objs))
+            return f"How many {plural(s)} are there?", str(sum(o.shape == s for o in objs))
         c = rng.choice(tuple(COLOURS))
         return f"How many {c} objects are there?", str(sum(o.colour == c for o in objs))
     if qtype == "spatial":
@@ -265,6 +301,7 @@ class Sample:
     question: str
     answer: str
     type: str
+    scene: Scene | None = field(default=None, compare=False, repr=False)
 
     @property
     def prompt(self) -> str:
@@ -279,7 +316,7 @@ def sample(seed: int, index: int) -> Sample:
         scene = random_scene(rng)
         qa = ask(scene, qtype, rng)
         if qa is not None:
-            return Sample(render(scene), qa[0], qa[1], qtype)
+            return Sample(render(scene), qa[0], qa[1], qtype, scene)
 
 
 def write_dataset(out: Path, n: int, seed: int) -> Path:

@@ -1,0 +1,200 @@
+"""Leaf modules of the select_visual pass: which visual tokens enter the LLM at layer 0.
+
+Visual slot j of a row (its j-th image token) holds patch j of the vision tower (row-major
+sqrt(Nv) x sqrt(Nv) grid), so per-patch quantities map into the sequence with
+``masked_scatter(visual_mask, ...)`` and visual embeddings are ``hidden[visual_mask].view(B, Nv,
+D)``. Every module returns per-patch or per-slot scores in which the kept tokens score 1 and
+the others 0, so ``tokens.KeepTopK`` keeps exactly them (shared/methods.md sections 3, 4, 6, 10).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _visual(hidden: torch.Tensor, visual_mask: torch.Tensor, n_visual: int) -> torch.Tensor:
+    """The visual rows of ``hidden`` [B, T, D] in slot order: [B, Nv, D]."""
+    return hidden[visual_mask].view(hidden.shape[0], n_visual, hidden.shape[-1])
+
+
+def to_slots(per_patch: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+    """Per-patch scores [B, Nv] -> per-slot scores [B, T] (0 on text slots)."""
+    zeros = torch.zeros(visual_mask.shape, dtype=per_patch.dtype, device=per_patch.device)
+    return zeros.masked_scatter(visual_mask, per_patch)
+
+
+def vision_layers(tower: nn.Module) -> nn.ModuleList:
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def has_cls(tower: nn.Module) -> bool:
+    return hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")
+
+
+class VisionClsAttention(nn.Module):
+    """pixel_values -> (features [B, Nv, Dv], cls_attention [B, Nv], key_metric [B, Nv, hd]).
+
+    The features are exactly ``blocks.Vision``'s (CLS dropped). The attention is that of the ViT
+    layer producing ``hidden_states[f]`` (layer f-1), recomputed from its input
+    ``hidden_states[f-1]`` with its own layer_norm1 and q/k projections for the CLS query row
+    only; summed over heads. key_metric: that layer's keys averaged over heads (VisionZip).
+    """
+
+    def __init__(self, tower: nn.Module, feature_layer: int, drop_cls: bool):
+        super().__init__()
+        layers = vision_layers(tower)
+        f = feature_layer % (len(layers) + 1)  # index into hidden_states (L + 1 entries)
+        if not (drop_cls and has_cls(tower)) or f == 0:
+            raise ValueError("no CLS attention: needs a CLS vision tower whose CLS is dropped "
+                             "(strategy 'default') and a feature layer produced by a ViT layer")
+        self.tower, self.feature_layer, self.f = tower, feature_layer, f
+        self.layer = layers[f - 1]  # shared, read-only
+
+    def forward(self, pixel_values: torch.Tensor):
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.feature_layer][:, 1:]  # [B, Nv, Dv]
+        x = self.layer.layer_norm1(out.hidden_states[self.f - 1])  # [B, N, Dv], N = 1 + Nv
+        attn = self.layer.self_attn
+        B, N, _ = x.shape
+        H, hd = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x[:, :1]).view(B, 1, H, hd).transpose(1, 2)  # [B, H, 1, hd]
+        k = attn.k_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+        # NOTE: same op order as HF's eager attention: (q @ k^T) * scale, softmax in float32
+        p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1,
+                          dtype=torch.float32)  # [B, H, 1, N]
+        cls = p[:, :, 0, 1:].sum(1)  # [B, Nv]
+        return feats, cls, k.mean(1)[:, 1:]
+
+
+class ContextualMerge(nn.Module):
+    """VisionZip in vision-feature space: (feats, cls_attention, key_metric) -> (feats', kept).
+
+    dominant = top-``dominant`` patches by CLS attention. Of the remaining patches (in order),
+    targets = every step-th, step = max(1, n_rem // contextual), first ``contextual``; each other
+    remaining patch joins the target with the highest cosine of head-mean keys, and the target's
+    features become X_t + mean(X_assigned) (VisionZip's code; a target with none keeps X_t).
+    Merged features are written into the target's own slot. kept [B, Nv]: 1 = kept.
+    """
+
+    def __init__(self, n_visual: int, dominant: int, contextual: int):
+        super().__init__()
+        self.n_visual, self.dominant, self.contextual = n_visual, dominant, contextual
+        n_rem = n_visual - dominant
+        step = max(1, n_rem // contextual) if contextual else 1
+        self.targets = list(range(0, n_rem, step))[:contextual]  # static, in remaining order
+        self.others = [i for i in range(n_rem) if i not in set(self.targets)]
+
+    @property
+    def n_merge(self) -> int:
+        return len(self.others) if self.contextual else 0
+
+    def forward(self, feats, cls_attention, key_metric):
+        B, Nv, Dv = feats.shape
+        kept = torch.zeros(B, Nv, dtype=torch.bool, device=feats.device)
+        kept = kept.scatter(1, cls_attention.topk(self.dominant, dim=-1).indices, True)
+        if not self.contextual:
+            return feats, kept.to(feats.dtype)
+        ar = torch.arange(Nv, device=feats.device).expand(B, Nv)
+        rem = torch.where(kept, ar + Nv, ar).sort(dim=-1).values[:, :Nv - self.dominant]
+        tgt = rem[:, self.targets]  # [B, C] patch indices
+        oth = rem[:, self.others]  # [B, M]
+        km = F.normalize(key_metric, dim=-1)  # [B, Nv, hd]
+        hd = km.shape[-1]
+        k_t = km.gather(1, tgt[..., None].expand(-1, -1, hd))  # [B, C, hd]
+        k_o = km.gather(1, oth[..., None].expand(-1, -1, hd))  # [B, M, hd]
+        assign = torch.bmm(k_o, k_t.transpose(1, 2)).argmax(-1)  # [B, M] -> target
+        one_hot = torch.zeros(B, len(self.others), self.contextual, dtype=feats.dtype,
+                              device=feats.device).scatter(2, assign[..., None], 1.0)
+        counts = one_hot.sum(1).clamp(min=1)[..., None]  # [B, C, 1]
+        x_o = feats.gather(1, oth[..., None].expand(-1, -1, Dv))  # [B, M, Dv]
+        x_t = feats.gather(1, tgt[..., None].expand(-1, -1, Dv))  # [B, C, Dv]
+        merged = x_t + torch.bmm(one_hot.transpose(1, 2), x_o) / counts  # [B, C, Dv]
+        feats = feats.scatter(1, tgt[..., None].expand(-1, -1, Dv), merged)
+        return feats, kept.scatter(1, tgt, True).to(feats.dtype)
+
+
+class SlotScores(nn.Module):
+    """Per-patch scores [B, Nv] -> per-slot scores [B, T] along the visual mask."""
+
+    def forward(self, per_patch: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+        return to_slots(per_patch, visual_mask)
+
+
+class DiversityScore(nn.Module):
+    """Greedy max-min selection on cosine distance of the visual embeddings at the LLM input.
+
+    start "isolated" (DivPrune): the token whose nearest other token is farthest;
+    start "mean" (ToDRE's k-center stage): the token closest to the mean embedding.
+    Then ``keep - 1`` times add argmax_j min_{i in S} dist[i, j] over tokens not yet chosen.
+    Returns per-slot scores [B, T]: 1 on chosen visual slots.
+    """
+
+    def __init__(self, n_visual: int, keep: int, start: str):
+        super().__init__()
+        if start not in ("isolated", "mean"):
+            raise ValueError(f"unknown start {start!r}")
+        self.n_visual, self.keep, self.start = n_visual, keep, start
+
+    def forward(self, hidden: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+        E = _visual(hidden, visual_mask, self.n_visual).float()  # [B, Nv, D]
+        B, Nv, _ = E.shape
+        En = F.normalize(E, dim=-1)
+        dist = 1.0 - torch.bmm(En, En.transpose(1, 2))  # [B, Nv, Nv], rows i, columns j
+        if self.start == "isolated":
+            eye = torch.eye(Nv, dtype=torch.bool, device=E.device)
+            first = dist.masked_fill(eye, float("inf")).amin(1).argmax(-1)  # [B]
+        else:
+            c = F.normalize(E.mean(1), dim=-1)  # [B, D]
+            first = (En * c[:, None]).sum(-1).argmax(-1)
+        chosen = torch.zeros(B, Nv, dtype=torch.bool, device=E.device)
+        rows = dist.gather(1, first[:, None, None].expand(B, 1, Nv))[:, 0]  # [B, Nv]
+        if self.keep:
+            chosen = chosen.scatter(1, first[:, None], True)
+        mind = rows
+        for _ in range(self.keep - 1):  # NOTE: sequential by nature; static count
+            # chosen tokens are excluded explicitly so exact duplicates cannot be picked twice
+            j = mind.masked_fill(chosen, float("-inf")).argmax(-1)  # [B]
+            chosen = chosen.scatter(1, j[:, None], True)
+            mind = torch.minimum(mind, dist.gather(1, j[:, None, None].expand(B, 1, Nv))[:, 0])
+        return to_slots(chosen.to(hidden.dtype), visual_mask)
+
+
+def pool_slots(side: int, g: int) -> list[int]:
+    """For each g x g output cell (row-major), the patch nearest its adaptive window's centre
+    (the upper-left one of the central pair for even windows)."""
+    def centre(i):
+        start, end = (i * side) // g, -(-((i + 1) * side) // g)
+        return (start + end - 1) // 2
+
+    return [centre(r) * side + centre(c) for r in range(g) for c in range(g)]
+
+
+class GridPool(nn.Module):
+    """LLaVolta-style pooling: visual embeddings on their grid -> g x g adaptive average pool.
+
+    Each pooled token is written into the slot of the patch nearest its window's centre; those
+    slots score 1. Returns (scores [B, T], hidden [B, T, D]); text rows are untouched.
+    """
+
+    def __init__(self, n_visual: int, keep: int):
+        super().__init__()
+        side, g = math.isqrt(n_visual), math.isqrt(keep)
+        if side * side != n_visual or g * g != keep or g > side:
+            raise ValueError(f"pool needs square grids with g <= side: {n_visual} -> {keep}")
+        self.n_visual, self.side, self.g = n_visual, side, g
+        self.slots = pool_slots(side, g)
+
+    def forward(self, hidden: torch.Tensor, visual_mask: torch.Tensor):
+        V = _visual(hidden, visual_mask, self.n_visual)  # [B, Nv, D]
+        B, Nv, D = V.shape
+        grid = V.transpose(1, 2).reshape(B, D, self.side, self.side)
+        pooled = F.adaptive_avg_pool2d(grid, self.g).flatten(2).transpose(1, 2)  # [B, g*g, D]
+        slots = torch.tensor(self.slots, device=hidden.device)
+        V = V.index_copy(1, slots, pooled)
+        hidden = hidden.masked_scatter(visual_mask[..., None], V)
+        kept = torch.zeros(B, Nv, dtype=hidden.dtype, device=hidden.device).index_fill(1, slots, 1)
+        return to_slots(kept, visual_mask), hidden
