@@ -76,6 +76,10 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
         if info.get("block") == "score":
             opt[n.name] = cost.score_flops(shapes, n_text + info["n_visual"], info["mode"])
             opt["total"] += opt[n.name]
+        extra = cost.select_flops(shapes, info) if "select_op" in info else 0
+        if extra:  # select_visual's explicit matmuls (the vision node's CLS attention included)
+            opt[n.name] = opt.get(n.name, 0) + extra
+            opt["total"] += extra
     kv_len = [s.n_tokens for s in specs]
     return {
         "n_text": n_text,

@@ -191,6 +191,47 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from vlmopt.analysis import layer_contribution, rank_layers
+    from vlmopt.compare import compare, default_methods
+    from vlmopt.data.dataset import load_records
+    from vlmopt.frontend.load import load, resolve_model
+
+    resolve_model(args.model)
+    data = default_data(args.model, args.data)
+    records = load_records(data, limit=args.limit)
+    calib = args.calib or ("builtin:synthvqa-calib" if args.model == "builtin:synth-llava"
+                           else None)
+    lm = load(args.model)
+    info = lm.config
+    order = None
+    if calib:
+        order = rank_layers(layer_contribution(lm, load_records(calib, limit=64)))
+    methods = default_methods(int(info.image_seq_length), info.text_config.num_hidden_layers,
+                              order)
+    advance, close = _progress(len(records), "comparing")
+    try:
+        rows = compare(lm, records, methods, batch_size=args.batch_size, progress=advance)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps({"model": args.model, "data": data, "n": len(records),
+                          "methods": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{args.model} on {data} ({len(records)} questions)")
+    for c in ("method", "accuracy", "agreement", "KL", "FLOPs ratio", "latency ratio"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        t.add_row(r["method"], acc, f"{r['agreement']:.3f}", f"{r['kl']:.4f}",
+                  f"{r['flops_ratio']:.3f}", f"{r['latency_ratio']:.3f}")
+    Console().print(t)
+    return 0
+
+
 def _fresh_out(out: Path) -> Path:
     """A temp dir beside ``out``; renamed to ``out`` only when everything was written."""
     import tempfile
@@ -276,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--no-cache", action="store_true", help="recompute even if cached")
     z.add_argument("--json", action="store_true")
     z.set_defaults(fn=cmd_analyze)
+
+    c = sub.add_parser("compare", help="method table: accuracy, agreement, FLOPs and latency")
+    c.add_argument("model")
+    c.add_argument("--data", help="evaluation JSONL (default for builtin:synth-llava: "
+                   "builtin:synthvqa-test)")
+    c.add_argument("--calib", help="calibration JSONL for ShortV's Layer Contribution")
+    c.add_argument("--limit", type=_positive("--limit"))
+    c.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_compare)
 
     a = sub.add_parser("apply", help="apply a plan.json to a model")
     a.add_argument("plan")

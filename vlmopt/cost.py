@@ -362,6 +362,24 @@ def score_flops(s: ModelShapes, n_tokens: int, mode: str) -> int:
     return 2 * macs
 
 
+def select_flops(s: ModelShapes, info: dict) -> int:
+    """The matmuls a select_visual node adds (vlmopt.ir.select), per sample; ``info`` is the
+    node's meta. cls_attention: the CLS query row and every key of one ViT layer, and q.k^T;
+    contextual_merge: key cosine [M, C] and the group sums [C, Dv]; diversity: the Nv x Nv
+    cosine matrix. Pooling, hashing and scattering count nothing."""
+    op = info.get("select_op")
+    h = s.vision_hidden
+    hd = h // s.vision_heads
+    if op == "cls_attention":
+        n = s.n_vision_tokens
+        return 2 * (h * h + n * h * h + s.vision_heads * n * hd)
+    if op == "contextual_merge":
+        return 2 * info["n_merge"] * info["contextual"] * (hd + h)
+    if op == "diversity":
+        return 2 * info["n_visual"] ** 2 * s.d
+    return 0
+
+
 def measure_graph_breakdown(gm: torch.nn.Module, batch: dict) -> dict[str, int]:
     """FlopCounterMode FLOPs of one run of a vlmopt block graph, per graph node (by name).
 

@@ -48,6 +48,9 @@ def insert_token_change(gm: fx.GraphModule, layer: int,
     g = gm.graph
     with g.inserting_before(target):
         hidden, pos, visual, amask = build(g, old)
+        for node, base in ((hidden, "hidden"), (pos, "position_ids"), (visual, "visual_mask"),
+                           (amask, "attention_mask")):
+            node.name = f"{base}_{layer}"  # NOTE: unique: one token change per layer
         mask = g.call_module("causal_mask", (hidden, amask, pos))
         rope = g.call_module("rope", (hidden, pos))
         mask.meta["vlmopt"] = {"block": "mask"}

@@ -2,9 +2,9 @@
 
 Visual slot j of a row (its j-th image token) holds patch j of the vision tower (row-major
 sqrt(Nv) x sqrt(Nv) grid), so per-patch quantities map into the sequence with
-``masked_scatter(visual_mask, ...)`` and visual embeddings are ``hidden[visual_mask].view(B, Nv,
-D)``. Every module returns per-patch or per-slot scores in which the kept tokens score 1 and
-the others 0, so ``tokens.KeepTopK`` keeps exactly them (shared/methods.md sections 3, 4, 6, 10).
+``masked_scatter(visual_mask, ...)`` and visual embeddings are gathered in slot order. Every
+module returns per-patch or per-slot scores in which the kept tokens score 1 and the others 0,
+so ``tokens.KeepTopK`` keeps exactly them (shared/methods.md sections 3, 4, 6, 10).
 """
 
 from __future__ import annotations
@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _visual(hidden: torch.Tensor, visual_mask: torch.Tensor, n_visual: int) -> torch.Tensor:
-    """The visual rows of ``hidden`` [B, T, D] in slot order: [B, Nv, D]."""
-    return hidden[visual_mask].view(hidden.shape[0], n_visual, hidden.shape[-1])
+def _visual(hidden: torch.Tensor, visual_mask: torch.Tensor, n_visual: int):
+    """The visual rows of ``hidden`` [B, T, D] in slot order, [B, Nv, D], and their indices
+    [B, Nv, D] for gather/scatter. Same as ``hidden[visual_mask].view(B, Nv, D)``, as a static
+    gather (no data-dependent shape)."""
+    B, T, D = hidden.shape
+    ar = torch.arange(T, device=hidden.device).expand(B, T)
+    idx = torch.where(visual_mask, ar, ar + T).sort(dim=-1).values[:, :n_visual]  # [B, Nv]
+    idx = idx[..., None].expand(B, n_visual, D)
+    return hidden.gather(1, idx), idx
 
 
 def to_slots(per_patch: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +92,7 @@ class ContextualMerge(nn.Module):
         n_rem = n_visual - dominant
         step = max(1, n_rem // contextual) if contextual else 1
         self.targets = list(range(0, n_rem, step))[:contextual]  # static, in remaining order
-        self.others = [i for i in range(n_rem) if i not in set(self.targets)]
+        self.others = sorted(set(range(n_rem)) - set(self.targets))
 
     @property
     def n_merge(self) -> int:
@@ -140,7 +146,7 @@ class DiversityScore(nn.Module):
         self.n_visual, self.keep, self.start = n_visual, keep, start
 
     def forward(self, hidden: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
-        E = _visual(hidden, visual_mask, self.n_visual).float()  # [B, Nv, D]
+        E = _visual(hidden, visual_mask, self.n_visual)[0].float()  # [B, Nv, D]
         B, Nv, _ = E.shape
         En = F.normalize(E, dim=-1)
         dist = 1.0 - torch.bmm(En, En.transpose(1, 2))  # [B, Nv, Nv], rows i, columns j
@@ -189,12 +195,12 @@ class GridPool(nn.Module):
         self.slots = pool_slots(side, g)
 
     def forward(self, hidden: torch.Tensor, visual_mask: torch.Tensor):
-        V = _visual(hidden, visual_mask, self.n_visual)  # [B, Nv, D]
+        V, idx = _visual(hidden, visual_mask, self.n_visual)  # [B, Nv, D]
         B, Nv, D = V.shape
         grid = V.transpose(1, 2).reshape(B, D, self.side, self.side)
         pooled = F.adaptive_avg_pool2d(grid, self.g).flatten(2).transpose(1, 2)  # [B, g*g, D]
         slots = torch.tensor(self.slots, device=hidden.device)
         V = V.index_copy(1, slots, pooled)
-        hidden = hidden.masked_scatter(visual_mask[..., None], V)
+        hidden = hidden.scatter(1, idx, V)  # text rows untouched
         kept = torch.zeros(B, Nv, dtype=hidden.dtype, device=hidden.device).index_fill(1, slots, 1)
         return to_slots(kept, visual_mask), hidden

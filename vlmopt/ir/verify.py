@@ -17,6 +17,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
+from vlmopt.cost import fake_weights
 from vlmopt.errors import VerifyError
 
 
@@ -62,7 +63,8 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
         fargs = [fake.from_tensor(args[k]) for k in ("input_ids", "pixel_values",
                                                      "attention_mask", "position_ids")]
     try:
-        ShapeProp(gm, fake_mode=fake).propagate(*fargs)
+        with fake_weights(gm):  # meta (config-only) and real weights alike become fake
+            ShapeProp(gm, fake_mode=fake).propagate(*fargs)
     except Exception as e:
         raise _fail(pass_name, "<shape propagation>", "shapes propagate",
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

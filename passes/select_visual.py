@@ -1,0 +1,168 @@
+"""select_visual: merge -> layer_0  becomes  merge -> select -> keep-top-k -> layer_0.
+
+Ensures: from layer 0 on, each sample carries exactly ``keep`` visual tokens (static count);
+text tokens are never touched; kept tokens keep their ORIGINAL position ids and order (a design
+rule: VisionZip's own LLaVA code rebuilds the sequence and so renumbers positions
+contiguously); the causal mask and RoPE are rebuilt. The projector still runs on all Nv visual
+features, so the cost model's default projector count stays exact.
+Requires: a captured LLaVA graph with no token change before layer 0; ``keep`` <= Nv.
+
+Methods (shared/methods.md sections 3, 4, 6, 10, 13):
+  visionzip: the vision node also returns the CLS attention (summed over heads) and head-mean
+      keys of the ViT layer producing the projector's features; dominant = top-(keep -
+      contextual) patches by CLS attention; ``contextual`` merged tokens (target + mean of the
+      remaining patches assigned to it by key cosine) are formed in vision-feature space before
+      the projector and written into their target patch's slot (so they take that patch's
+      position; VisionZip appends them after the dominant tokens). CLS itself is never an LLM
+      token here (LLaVA's "default" strategy drops it), so dominant tokens are patches only.
+      Towers without a CLS token (SigLIP, strategy "full") are rejected.
+  divprune: greedy max-min diversity on cosine distance of the post-projector embeddings,
+      starting from the most isolated token. Tokens already chosen are excluded explicitly, so
+      exact duplicates still yield ``keep`` distinct tokens (LightCompress's port can re-pick
+      a chosen token there and keep fewer).
+  kcenter: ToDRE's first stage - greedy k-center (farthest-point traversal) on the same
+      distance. Honestly, it is divprune's greedy loop with another start (the token closest
+      to the mean embedding); the start changes the whole greedy path, so the sets overlap
+      only partly (40-85% on the tiny test model).
+  pool: LLaVolta-style g x g adaptive average pooling of the embedding grid (keep = g * g);
+      each pooled token sits in the slot of the patch nearest its window's centre.
+  random: a fixed hash of the original positions (the baseline; same as drop_tokens').
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+from torch import fx
+
+from vlmopt.ir import select, tokens
+from vlmopt.ir.capture import decoder_nodes, node_by_block
+from vlmopt.ir.rewrite import add_module, insert_token_change
+from vlmopt.pipeline import PassResult, register_pass
+
+METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random")
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str = "none"  # "none" = identity
+    keep: int = 0  # visual tokens entering the LLM; ignored with method "none"
+    contextual: int = 0  # visionzip only: how many of ``keep`` are merged contextual tokens
+    seed: int = 0  # random only
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
+        for name in ("keep", "contextual", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"field {name!r} must be an integer, got {v!r}")
+        if self.keep < (0 if self.method == "none" else 1):
+            raise ValueError(f"field 'keep' must be >= {int(self.method != 'none')} for method "
+                             f"{self.method!r}, got {self.keep}")
+        if not 0 <= self.contextual <= self.keep:
+            raise ValueError(f"field 'contextual' must lie in [0, keep={self.keep}], "
+                             f"got {self.contextual}")
+        if self.contextual and self.method != "visionzip":
+            raise ValueError("field 'contextual' is for method 'visionzip' only")
+        if self.method == "pool" and math.isqrt(self.keep) ** 2 != self.keep:
+            raise ValueError(f"field 'keep' must be a square g * g for method 'pool', "
+                             f"got {self.keep}")
+
+
+# The search space lives beside the defaults: what a strategy may vary.
+SEARCH_SPACE = {"method": list(METHODS[1:]), "keep": "visual tokens kept, 1..Nv (pool: g*g)",
+                "contextual": "visionzip: 0..keep (paper: keep * 10 / 64)"}
+
+
+def visionzip(dominant: int, contextual: int) -> Config:
+    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 tokens, CLS not counted."""
+    return Config(method="visionzip", keep=dominant + contextual, contextual=contextual)
+
+
+def _tag(node: fx.Node, **info) -> fx.Node:
+    node.meta["vlmopt"] = {"block": "select", **info}
+    return node
+
+
+def _getitems(g: fx.Graph, node: fx.Node, n: int) -> list[fx.Node]:
+    return [g.call_function(operator.getitem, (node, i)) for i in range(n)]
+
+
+def _visionzip_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
+    """Rewire vision -> project into vision(+CLS attention) -> contextual merge -> project;
+    returns the node of per-patch kept scores [B, Nv]."""
+    vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
+    old = gm.get_submodule(vis.target)
+    try:
+        mod = select.VisionClsAttention(old.tower, old.feature_layer, old.drop_cls)
+    except ValueError as e:
+        raise ValueError(f"select_visual: node {vis.name!r}: VisionZip needs a CLS token whose "
+                         f"attention ranks the patches ({e}); the mean-received-attention "
+                         "variant for CLS-free towers is not supported yet") from None
+    vis.target = add_module(gm, "vision_cls", mod)
+    vis.meta["vlmopt"]["select_op"] = "cls_attention"
+    merger = select.ContextualMerge(nv, config.keep - config.contextual, config.contextual)
+    name = add_module(gm, "visionzip", merger)
+    g = gm.graph
+    with g.inserting_before(proj):
+        z = g.call_module(name, tuple(_getitems(g, vis, 3)))
+        _tag(z, select_op="contextual_merge", contextual=config.contextual,
+             n_merge=merger.n_merge)
+        feats, kept = _getitems(g, z, 2)
+    proj.args = (feats,)
+    return kept
+
+
+@register_pass("select_visual", Config)
+def run(gm: fx.GraphModule, config: Config) -> PassResult:
+    decs = decoder_nodes(gm)
+    nv = decs[0].meta["vlmopt"]["n_visual"]
+    stats: dict = {"method": config.method, "keep": config.keep, "n_visual_in": nv}
+    if config.method == "none":
+        stats["keep"] = nv
+        return PassResult(gm, False, stats)
+    if config.keep > nv:
+        raise ValueError(f"select_visual: node {decs[0].name!r}: keep={config.keep} but only "
+                         f"{nv} visual tokens reach it")
+    if config.keep == nv:
+        stats["skipped"] = f"keep equals the {nv} visual tokens: nothing to select"
+        return PassResult(gm, False, stats)
+
+    patch_scores = _visionzip_scores(gm, config, nv) if config.method == "visionzip" else None
+    if config.method == "visionzip":
+        scorer = add_module(gm, "select_slots", select.SlotScores())
+    elif config.method == "random":
+        scorer = add_module(gm, "select_random", tokens.HashScore(config.seed))
+    elif config.method == "pool":
+        scorer = add_module(gm, "select_pool", select.GridPool(nv, config.keep))
+    else:
+        start = "isolated" if config.method == "divprune" else "mean"
+        scorer = add_module(gm, f"select_{config.method}",
+                            select.DiversityScore(nv, config.keep, start))
+    keeper = add_module(gm, "keep_visual", tokens.KeepTopK(nv, config.keep))
+
+    def build(g, st):
+        hidden = st.hidden
+        if config.method == "visionzip":
+            s = _tag(g.call_module(scorer, (patch_scores, st.visual)), select_op="slots")
+        elif config.method == "random":
+            s = _tag(g.call_module(scorer, (st.pos,)), select_op="random")
+        elif config.method == "pool":
+            p = _tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="pool")
+            s, hidden = _getitems(g, p, 2)
+        else:
+            s = _tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="diversity",
+                     n_visual=nv)
+        d = g.call_module(keeper, (s, hidden, st.pos, st.visual, st.amask))
+        d.meta["vlmopt"] = {"block": "drop", "keep": config.keep}
+        return tuple(_getitems(g, d, 4))
+
+    insert_token_change(gm, 0, build)
+    gm.graph.eliminate_dead_code()  # the uncut sequence's mask and rope now feed nothing
+    gm.recompile()
+    for d in decoder_nodes(gm):
+        d.meta["vlmopt"]["n_visual"] = config.keep
+    return PassResult(gm, True, stats)

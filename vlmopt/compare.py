@@ -1,0 +1,129 @@
+"""Compare methods on one model and one dataset, fairly: same inputs, same reference, same run.
+
+For every method: accuracy, agreement with the original model's answer, KL from it, analytic
+prefill FLOPs ratio, and measured prefill latency ratio (median of interleaved repeats).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vlmopt import api, inputs
+from vlmopt.data.dataset import Record
+from vlmopt.evaluate import answer_token
+from vlmopt.ir.capture import capture, complete_inputs
+from vlmopt.pipeline import make_config, registry, run_passes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Method:
+    name: str
+    steps: list  # [(pass name, fields)]
+
+
+def default_methods(n_visual: int, n_layers: int, freeze_order: list[str] | None) -> list[Method]:
+    """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
+    at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
+    tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC)."""
+    q = [max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)]
+    ms = [Method("original", []),
+          Method("FastV K=2 R=50%", [("drop_tokens", {"keep": {"layer_2": round(n_visual * .5)}})]),
+          Method("FastV K=2 R=75%", [("drop_tokens", {"keep": {"layer_2": round(n_visual * .25)}})]),
+          Method("PyramidDrop", [("drop_tokens", {
+              "keep": {f"layer_{k}": int(n_visual * r) for k, r in zip(q, (.5, .25, .125))},
+              "score_at": "next"})])]
+    have_select = "select_visual" in registry()
+    for frac in (0.11, 0.33):
+        k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
+        pct = f"{k}/{n_visual}"
+        if have_select:
+            ctx = max(1, round(k * 10 / 64))
+            ms += [Method(f"VisionZip {pct}", [("select_visual", {"method": "visionzip",
+                                                                   "keep": k, "contextual": ctx})]),
+                   Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune", "keep": k})]),
+                   Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
+                   Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
+                   Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]
+        else:
+            ms += [Method(f"random@layer1 {pct}", [("drop_tokens", {"keep": {"layer_1": k},
+                                                                      "scorer": "random"})])]
+    if freeze_order:
+        r = max(1, round(n_layers * 0.6))
+        ms.append(Method(f"ShortV {r}/{n_layers} layers",
+                         [("freeze_visual", {"layers": sorted(freeze_order[:r])})]))
+    return ms
+
+
+@torch.no_grad()
+def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int = 16,
+            latency_repeats: int = 5, progress: Callable | None = None) -> list[dict]:
+    base = capture(lm)
+    graphs = {}
+    for m in methods:
+        steps = [(n, make_config(n, f)) for n, f in m.steps]
+        graphs[m.name] = run_passes(base, steps, verify=True)[0] if steps else base
+    tok = lm.processor.tokenizer
+    hits, agree, kls = defaultdict(list), defaultdict(list), defaultdict(list)
+    per_type = defaultdict(lambda: defaultdict(list))
+    first = None
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        batch = complete_inputs(inputs.encode(lm.processor, [r.prompt for r in chunk],
+                                              [r.load_image() for r in chunk]))
+        first = first or batch
+        ref = F.log_softmax(base(**batch).float(), -1)
+        for name, g in graphs.items():
+            logp = ref if g is base else F.log_softmax(g(**batch).float(), -1)
+            pred = logp.argmax(-1)
+            agree[name] += (pred == ref.argmax(-1)).tolist()
+            kls[name] += (ref.exp() * (ref - logp)).sum(-1).clamp(min=0).tolist()
+            for r, p in zip(chunk, pred.tolist()):
+                if r.answer is not None:
+                    ok = p == answer_token(tok, r.answer)
+                    hits[name].append(ok)
+                    per_type[name][r.type or "all"].append(ok)
+        if progress:
+            progress(len(chunk))
+    lat = _latency(graphs, first, latency_repeats)
+    n_text = int((~(first["input_ids"] == lm.model.config.image_token_id)).sum(-1)
+                 .float().mean())
+    out = []
+    for m in methods:
+        g = graphs[m.name]
+        h = hits[m.name]
+        out.append({
+            "method": m.name,
+            "passes": m.steps,
+            "accuracy": sum(h) / len(h) if h else None,
+            "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type[m.name].items())},
+            "agreement": sum(agree[m.name]) / len(agree[m.name]),
+            "kl": sum(kls[m.name]) / len(kls[m.name]),
+            "flops_ratio": api.flops(lm, g, n_text=n_text)["ratio"],
+            "latency_ms": lat[m.name] * 1e3,
+            "latency_ratio": lat[m.name] / lat["original" if "original" in lat else m.name],
+        })
+    return out
+
+
+def _latency(graphs: dict, batch: dict, repeats: int) -> dict[str, float]:
+    """Median prefill time per graph on one batch; methods interleaved round-robin so machine
+    noise hits them alike."""
+    times = defaultdict(list)
+    for g in graphs.values():  # warm-up
+        g(**batch)
+    for _ in range(repeats):
+        for name, g in graphs.items():
+            t0 = time.perf_counter()
+            g(**batch)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
