@@ -2,11 +2,14 @@
 
     python examples/train_synth_llava.py --out vlmopt/builtin/synth-llava
 
-Training signal: the answer token (and eos) of each question, plus an auxiliary dense loss on
-the vision tower: three linear heads predict, for every patch, the colour, shape and glyph that
-the renderer put there (``synthvqa.patch_labels``). Without it the LLM first fits the text prior
-and ignores the image for thousands of steps; with it the ViT learns useful features at once.
-The heads are discarded: the checkpoint is a plain LLaVA.
+Training signal: the answer token (and eos) of each question, plus two auxiliary dense losses
+with the renderer's per-patch labels (``synthvqa.patch_labels``: colour, shape and glyph under
+each patch), predicted by small heads (LayerNorm + linear) from (a) the vision features the
+projector reads and (b) the LLM's last hidden state at each visual position. Without them the
+LLM fits the text prior first and turns the visual tokens into content-free attention sinks
+(measured: the answer distribution moved by < 0.1% when the image was blanked); (b) keeps every
+visual token informative through all decoder layers. The heads are discarded: the checkpoint is
+a plain LLaVA.
 
 Deterministic for a seed (on one device and thread count): the training stream is
 ``synthvqa.sample(train_seed, i)`` and torch is seeded. Uses a GPU when there is one. The result
@@ -81,7 +84,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("vlmopt/builtin/synth-llava"))
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -100,10 +103,15 @@ def main() -> None:
     n_image, image_id = cfg.image_seq_length, cfg.image_token_id
     model = LlavaForConditionalGeneration(cfg).to(device)
     model.train()
-    dv = cfg.vision_config.hidden_size
-    aux = torch.nn.ModuleList([torch.nn.Linear(dv, len(synthvqa.COLOURS) + 1),
-                               torch.nn.Linear(dv, len(synthvqa.SHAPES) + 1),
-                               torch.nn.Linear(dv, len(synthvqa.GLYPHS) + 1)]).to(device)
+    n_cls = (len(synthvqa.COLOURS) + 1, len(synthvqa.SHAPES) + 1, len(synthvqa.GLYPHS) + 1)
+
+    def heads(width):  # LayerNorm first: no reward for growing feature norms
+        return torch.nn.ModuleList([torch.nn.Sequential(torch.nn.LayerNorm(width),
+                                                        torch.nn.Linear(width, n))
+                                    for n in n_cls]).to(device)
+
+    aux = torch.nn.ModuleList([heads(cfg.vision_config.hidden_size),
+                               heads(cfg.text_config.hidden_size)])
     seen = {}
     model.model.vision_tower.register_forward_hook(
         lambda m, i, o: seen.__setitem__("feats", o.hidden_states[cfg.vision_feature_layer]))
@@ -127,16 +135,20 @@ def main() -> None:
                    for j in range(args.batch_size)]
         ids, mask, pos, pv = batch(samples, tok, n_image, image_id)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    position_ids=pos.to(device), pixel_values=pv.to(device), logits_to_keep=3)
+                    position_ids=pos.to(device), pixel_values=pv.to(device), logits_to_keep=3,
+                    output_hidden_states=True)
         logits = out.logits[:, :2].float()  # predicts answer, then eos
         target = ids[:, -2:].to(device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         labels = torch.from_numpy(np.stack([synthvqa.patch_labels(s.scene, synth_llava.PATCH)
                                             for s in samples])).to(device)  # [B, 3, G, G]
         feats = seen.pop("feats")[:, 1:]  # [B, Nv, Dv], patches in row-major order
-        for j, head in enumerate(aux):
-            loss = loss + args.aux_weight / 3 * F.cross_entropy(
-                head(feats).flatten(0, 1), labels[:, j].flatten())
+        last = out.hidden_states[-1]  # [B, T, D]
+        vis = last[ids.to(device) == image_id].view(len(samples), n_image, -1)  # [B, Nv, D]
+        for f, hs in ((feats, aux[0]), (vis, aux[1])):
+            for j, head in enumerate(hs):
+                loss = loss + args.aux_weight / 6 * F.cross_entropy(
+                    head(f).flatten(0, 1), labels[:, j].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

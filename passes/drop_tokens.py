@@ -77,7 +77,7 @@ def fastv(k: int, r: float, n_visual: int) -> Config:
 
 
 def pdrop(layers: list[int], ratios: list[float], n_visual: int) -> Config:
-    """PyramidDrop: after each layer count r in ``layers``, keep int(N * ratio) (of the original)."""
+    """PyramidDrop: after each layer count r in ``layers``, keep int(N * ratio) of the N."""
     if len(layers) != len(ratios):
         raise ValueError("pdrop: layers and ratios differ in length")
     return Config(keep={f"layer_{r}": int(n_visual * q) for r, q in zip(layers, ratios)},
@@ -110,7 +110,8 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         dropper = add_module(gm, f"drop_{k}", tokens.KeepTopK(cur, keep))
         src_state = ChainState.at(src)
 
-        def build(g, st, scorer=scorer, dropper=dropper, src_state=src_state):
+        def build(g, st, scorer=scorer, dropper=dropper, src_state=src_state, mode=mode,
+                  src=src, keep=keep):
             if config.scorer == "random":
                 s = g.call_module(scorer, (st.pos,))
             else:  # FastV scores layer k-1 from its own input; PDrop layer k from the cut

@@ -18,9 +18,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from helpers import make_tiny_llava
+from helpers import make_tiny_llava  # noqa: E402
 
-from vlmopt.data import synthvqa
+from vlmopt.data import synthvqa  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,7 @@ def test_non_positive_n_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["data", "synth", "--n", "0", "--out", str(tmp_path / "o")])
     assert e.value.code == 2
-    assert "--n must be > 0" in capsys.readouterr().err
+    assert "--n must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

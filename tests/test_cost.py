@@ -228,3 +228,18 @@ def test_shapes_read_dtype_bytes_and_accept_an_override():
 def test_layer_spec_rejects_more_visual_than_total_tokens():
     with pytest.raises(ValueError):
         cost.LayerSpec(10, 11)
+
+
+def test_builtin_synth_llava_shape_matches_flop_counter_and_llm_dominates():
+    from vlmopt.frontend import synth_llava
+
+    cfg, _ = synth_llava.make_config()  # the shipped checkpoint's exact shapes
+    s = cost.ModelShapes.from_config(cfg)
+    measured = cost.measure_prefill_breakdown(cost.fake_llava(cfg), prompt(s, 16, 4))
+    analytic = cost.prefill_flops(s, cost.baseline_layers(s, 16))
+    for node, flops in analytic.items():
+        assert_close(measured[node], flops, f"synth-llava {node}")
+    llm = sum(v for k, v in analytic.items() if k.startswith("layer_"))
+    share = llm / analytic["total"]
+    assert share >= 0.80, f"LLM prefill share {share:.3f} (a real LLaVA is > 0.9)"
+    assert s.n_visual >= 144 and s.n_layers >= 6

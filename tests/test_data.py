@@ -165,5 +165,6 @@ def test_builtin_split_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert dataset.builtin_split("calib") == path
     assert path.stat().st_mtime_ns == mtime  # reused, not regenerated
-    assert [p.name for p in path.parent.parent.iterdir()] == [f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}"]  # no temp dirs
+    expected = [f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}"]
+    assert [p.name for p in path.parent.parent.iterdir()] == expected  # no temp dirs
     assert json.loads(path.read_text().splitlines()[0])["image"] == "images/00000.png"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import build_tiny_model, make_tiny_config
 from torch import fx
+from vlmopt.passes import drop_tokens as dt
 
 from vlmopt import inputs
 from vlmopt.data import synthvqa
@@ -15,7 +16,6 @@ from vlmopt.errors import VerifyError
 from vlmopt.frontend import synth_llava
 from vlmopt.ir.capture import capture, decoder_nodes
 from vlmopt.ir.verify import verify_graph
-from vlmopt.passes import drop_tokens as dt
 from vlmopt.pipeline import run_passes
 
 N_VIS = 196

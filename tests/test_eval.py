@@ -54,7 +54,7 @@ def test_encode_left_pads_and_counts_positions_over_real_tokens_only(processor, 
     lengths = mask.sum(-1)
     assert len(set(lengths.tolist())) > 1, "the records must have different prompt lengths"
     T = ids.shape[1]
-    assert T == lengths.max()
+    assert lengths.max() == T
     for row in range(len(records)):
         n = int(lengths[row])
         assert mask[row, :T - n].sum() == 0 and mask[row, T - n:].all()  # left padding

@@ -8,6 +8,8 @@ import pytest
 import torch
 from helpers import build_tiny_model, make_tiny_config
 from torch import fx
+from vlmopt.passes import drop_tokens as dt
+from vlmopt.passes import freeze_visual as fz
 
 from vlmopt import api, cost, inputs
 from vlmopt.data import synthvqa
@@ -15,8 +17,6 @@ from vlmopt.frontend import synth_llava
 from vlmopt.frontend.load import LoadedModel
 from vlmopt.ir.capture import capture, decoder_nodes
 from vlmopt.ir.verify import example_shapes
-from vlmopt.passes import drop_tokens as dt
-from vlmopt.passes import freeze_visual as fz
 from vlmopt.pipeline import run_passes
 
 NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import build_tiny_model, make_tiny_config
 from torch import fx
+from vlmopt.passes import select_visual as sv
 
 from vlmopt import api, cost, inputs
 from vlmopt.data import synthvqa
@@ -23,7 +24,6 @@ from vlmopt.frontend.load import LoadedModel
 from vlmopt.ir.capture import capture, decoder_nodes
 from vlmopt.ir.select import ContextualMerge, DiversityScore
 from vlmopt.ir.verify import example_shapes, verify_graph
-from vlmopt.passes import select_visual as sv
 from vlmopt.pipeline import make_config, run_passes
 
 N_VIS = 196

@@ -266,7 +266,7 @@ def test_random_scenes_have_3_to_8_non_overlapping_objects_inside_the_image():
         gx, gy = scene.glyph_xy
         boxes.append((gx, gy, gx + 8, gy + 10))
         for i, (x0, y0, x1, y1) in enumerate(boxes):
-            assert 0 <= x0 and 0 <= y0 and x1 < IMAGE_SIZE and y1 < IMAGE_SIZE
+            assert x0 >= 0 and y0 >= 0 and x1 < IMAGE_SIZE and y1 < IMAGE_SIZE
             for a0, b0, a1, b1 in boxes[i + 1:]:
                 assert x1 < a0 or a1 < x0 or y1 < b0 or b1 < y0, "objects overlap"
         assert scene.glyph in GLYPHS

@@ -13,28 +13,24 @@ from vlmopt.errors import VlmoptError
 log = logging.getLogger("vlmopt")
 
 
-def _positive(flag: str):
+def _int_flag(flag: str, minimum: int):
     def parse(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {v!r}") from None
-        if n <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be > 0, got {n}")
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {n}")
         return n
     return parse
+
+
+def _positive(flag: str):
+    return _int_flag(flag, 1)
 
 
 def _nonneg(flag: str):
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {v!r}") from None
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {n}")
-        return n
-    return parse
+    return _int_flag(flag, 0)
 
 
 def _progress(total: int, desc: str):
@@ -359,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlmopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `vlmopt eval ... --json | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

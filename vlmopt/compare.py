@@ -10,8 +10,8 @@ import logging
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,13 @@ def default_methods(n_visual: int, n_layers: int, freeze_order: list[str] | None
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC)."""
-    q = [max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)]
+    K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
+    q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     ms = [Method("original", []),
-          Method("FastV K=2 R=50%", [("drop_tokens", {"keep": {"layer_2": round(n_visual * .5)}})]),
-          Method("FastV K=2 R=75%", [("drop_tokens", {"keep": {"layer_2": round(n_visual * .25)}})]),
+          Method(f"FastV K={K} R=50%",
+                 [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .5)}})]),
+          Method(f"FastV K={K} R=75%",
+                 [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .25)}})]),
           Method("PyramidDrop", [("drop_tokens", {
               "keep": {f"layer_{k}": int(n_visual * r) for k, r in zip(q, (.5, .25, .125))},
               "score_at": "next"})])]
@@ -50,7 +53,8 @@ def default_methods(n_visual: int, n_layers: int, freeze_order: list[str] | None
             ctx = max(1, round(k * 10 / 64))
             ms += [Method(f"VisionZip {pct}", [("select_visual", {"method": "visionzip",
                                                                    "keep": k, "contextual": ctx})]),
-                   Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune", "keep": k})]),
+                   Method(f"DivPrune {pct}",
+                          [("select_visual", {"method": "divprune", "keep": k})]),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
                    Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
                    Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]

@@ -49,7 +49,7 @@ class Plan:
         return path
 
     @classmethod
-    def from_json(cls, obj: Any, where: str = "plan") -> "Plan":
+    def from_json(cls, obj: Any, where: str = "plan") -> Plan:
         def need(d, key, typ, ctx):
             if not isinstance(d, dict) or key not in d:
                 raise PlanError(f"{where}: missing field '{ctx}{key}'")
@@ -81,7 +81,7 @@ class Plan:
         return cls(name, fp, steps, target, {k: v for k, v in prov.items() if k != "tool"})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
+    def load(cls, path: str | os.PathLike) -> Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")

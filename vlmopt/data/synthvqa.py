@@ -245,7 +245,7 @@ def _relation(a: Obj, b: Obj) -> str | None:
 
 
 def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
-    """One (question, answer) of ``qtype`` about ``scene``, or None if the scene can't support it."""
+    """One (question, answer) of ``qtype`` about ``scene``; None if the scene can't support it."""
     objs = scene.objects
     named = [o for o in objs if _unique(objs, colour=o.colour, shape=o.shape)]
     if qtype == "colour":

@@ -61,7 +61,8 @@ class Merge(nn.Module):
 
 class CausalMask(nn.Module):
     """The 4-D mask HF builds for this attention implementation (None when SDPA can use
-    is_causal). Rebuilt after every change of T: kept tokens are sorted, so index-causal is right."""
+    is_causal). Rebuilt after every change of T: kept tokens stay sorted, so index-causal holds.
+    """
 
     def __init__(self, text_config):
         super().__init__()

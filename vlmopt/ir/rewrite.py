@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import fx, nn
 
@@ -22,7 +22,7 @@ class ChainState:
     amask: fx.Node
 
     @classmethod
-    def at(cls, node: fx.Node) -> "ChainState":
+    def at(cls, node: fx.Node) -> ChainState:
         return cls(*node.args[:6])
 
 

@@ -77,10 +77,10 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
         T = _hidden_len(n)
         if T is None:
             raise _fail(pass_name, n.name, "decoder output is [B, T, D]", "no shape propagated")
-        if prev is not None and T > prev:
+        if prev is not None and prev < T:
             raise _fail(pass_name, n.name, "token counts non-increasing", f"{prev} -> {T}")
         declared = info.get("n_visual")
-        if declared is not None and T != n_text + declared:
+        if declared is not None and n_text + declared != T:
             raise _fail(pass_name, n.name, "declared visual count matches shape",
                         f"declares {declared} visual + {n_text} text but sees {T} tokens")
         prev = T
