@@ -75,3 +75,49 @@ def write_jsonl(path, rows) -> Path:
     path = Path(path)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+GRAPH_INPUTS = ("input_ids", "pixel_values", "attention_mask", "position_ids")
+
+
+def tiny_model_and_batch(*, n_layers: int = 2, kv_heads: int | None = None,
+                         vision_layers: int = 1, feature_layer: int = -1, seed: int = 3,
+                         data_seed: int = 5, n: int = 3):
+    """An in-memory tiny LLaVA (random weights) and a left-padded batch of ``n`` SynthVQA
+    samples (questions of different lengths)."""
+    from vlmopt import inputs
+
+    cfg, vocab = make_tiny_config(kv_heads=kv_heads)
+    cfg.text_config.num_hidden_layers = n_layers
+    cfg.vision_config.num_hidden_layers = vision_layers
+    cfg.vision_feature_layer = feature_layer
+    model = build_tiny_model(cfg=cfg, seed=seed)
+    proc = synth_llava.make_processor(vocab)
+    samples = [synthvqa.sample(data_seed, i) for i in range(n)]
+    batch = inputs.encode(proc, [s.prompt for s in samples], [s.image for s in samples])
+    return model, batch
+
+
+def record_modules(gm, batch, targets) -> dict:
+    """{target: (args, result)} of the named call_module nodes in one run of ``gm``."""
+    from torch import fx
+
+    out = {}
+
+    class Rec(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            res = super().call_module(target, args, kwargs)
+            if target in targets:
+                out[target] = (args, res)
+            return res
+
+    with torch.no_grad():
+        Rec(gm).run(*(batch[k] for k in GRAPH_INPUTS))
+    return out
+
+
+def single_sample(batch: dict, i: int) -> dict:
+    """The i-th sample of a left-padded batch, alone and without its padding."""
+    keep = batch["attention_mask"][i].bool()
+    return {k: (v[i:i + 1] if k == "pixel_values" else v[i:i + 1, keep])
+            for k, v in batch.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BUILTIN_SYNTH_LLAVA
+from helpers import BUILTIN_SYNTH_LLAVA, single_sample
 
 from vlmopt import inputs
 from vlmopt.data import synthvqa
@@ -49,9 +49,7 @@ def test_padded_batch_matches_single_samples(tiny_llava):
     with torch.no_grad():
         together = gm(**batch)
         for i in range(4):
-            keep = batch["attention_mask"][i].bool()
-            one = {k: (v[i:i + 1, keep] if k != "pixel_values" else v[i:i + 1])
-                   for k, v in batch.items()}
+            one = single_sample(batch, i)
             alone = gm(**one)
             assert torch.allclose(alone, together[i:i + 1], atol=1e-4), \
                 (alone - together[i:i + 1]).abs().max()

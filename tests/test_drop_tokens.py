@@ -6,14 +6,10 @@ import copy
 
 import pytest
 import torch
-from helpers import build_tiny_model, make_tiny_config
-from torch import fx
+from helpers import record_modules, single_sample, tiny_model_and_batch
 from vlmopt.passes import drop_tokens as dt
 
-from vlmopt import inputs
-from vlmopt.data import synthvqa
 from vlmopt.errors import VerifyError
-from vlmopt.frontend import synth_llava
 from vlmopt.ir.capture import capture, decoder_nodes
 from vlmopt.ir.verify import verify_graph
 from vlmopt.pipeline import run_passes
@@ -23,31 +19,13 @@ N_VIS = 196
 
 @pytest.fixture(scope="module")
 def four_layer():
-    """A tiny 4-layer LLaVA (random weights), its processor and a 3-sample padded batch."""
-    cfg, vocab = make_tiny_config()
-    cfg.text_config.num_hidden_layers = 4
-    model = build_tiny_model(cfg=cfg, seed=3)
-    proc = synth_llava.make_processor(vocab)
-    samples = [synthvqa.sample(5, i) for i in range(3)]
-    batch = inputs.encode(proc, [s.prompt for s in samples], [s.image for s in samples])
-    return model, batch
+    """A tiny 4-layer LLaVA (random weights) and a 3-sample padded batch."""
+    return tiny_model_and_batch(n_layers=4, seed=3)
 
 
 def _kept_visual_positions(gm, batch, drop_target):
     """Original positions of the visual tokens a drop node keeps, per sample."""
-    out = {}
-
-    class Rec(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            res = super().call_module(target, args, kwargs)
-            if target == drop_target:
-                out["v"] = res
-            return res
-
-    with torch.no_grad():
-        Rec(gm).run(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                    batch["position_ids"])
-    _, pos, vis, _ = out["v"]
+    _, pos, vis, _ = record_modules(gm, batch, {drop_target})[drop_target][1]
     return [set(pos[b][vis[b]].tolist()) for b in range(pos.shape[0])]
 
 
@@ -116,17 +94,8 @@ def test_schedule_gives_exact_token_counts_per_layer(four_layer):
                                                                     N_VIS))], example=batch)
     assert [d.meta["vlmopt"]["n_visual"] for d in decoder_nodes(gm)] == [196, 98, 49, 19]
     n_text = batch["input_ids"].shape[1] - N_VIS
-    seen = []
-
-    class Rec(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            if target.startswith("layer_"):
-                seen.append(args[0].shape[1])
-            return super().call_module(target, args, kwargs)
-
-    with torch.no_grad():
-        Rec(gm).run(*(batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
-                                          "position_ids")))
+    rec = record_modules(gm, batch, {f"layer_{i}" for i in range(4)})
+    seen = [rec[f"layer_{i}"][0][0].shape[1] for i in range(4)]
     assert seen == [n_text + v for v in (196, 98, 49, 19)]
     assert rep[0]["stats"]["keep"] == {"layer_1": 98, "layer_2": 49, "layer_3": 19}
 
@@ -136,17 +105,8 @@ def test_drop_keeps_text_tokens_and_original_positions(four_layer, scorer):
     model, batch = four_layer
     cfg = dt.Config(keep={"layer_1": 30}, scorer=scorer)
     gm, _ = run_passes(capture(model), [("drop_tokens", cfg)], example=batch)  # verify_values
-    out = {}
-
-    class Rec(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            if target == "layer_1":
-                out["pos"], out["vis"] = args[3], args[4]
-            return super().call_module(target, args, kwargs)
-
-    with torch.no_grad():
-        Rec(gm).run(*(batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
-                                          "position_ids")))
+    args = record_modules(gm, batch, {"layer_1"})["layer_1"][0]
+    out = {"pos": args[3], "vis": args[4]}
     image_id = model.config.image_token_id
     for b in range(batch["input_ids"].shape[0]):
         text = batch["input_ids"][b] != image_id
@@ -160,9 +120,7 @@ def test_batched_drop_gives_same_answers_as_single_samples(four_layer):
     with torch.no_grad():
         together = gm(**batch)
         for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            one = {k: (v[i:i + 1, keep] if k != "pixel_values" else v[i:i + 1])
-                   for k, v in batch.items()}
+            one = single_sample(batch, i)
             alone = gm(**one)
             assert alone.argmax(-1).item() == together[i].argmax().item()
             assert torch.allclose(alone[0], together[i], atol=1e-4)

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_tiny_model, make_tiny_config
-from torch import fx
+from helpers import record_modules, single_sample, tiny_model_and_batch
 from vlmopt.passes import drop_tokens as dt
 from vlmopt.passes import freeze_visual as fz
 
-from vlmopt import api, cost, inputs
-from vlmopt.data import synthvqa
-from vlmopt.frontend import synth_llava
+from vlmopt import api, cost
 from vlmopt.frontend.load import LoadedModel
 from vlmopt.ir.capture import capture, decoder_nodes
 from vlmopt.ir.verify import example_shapes
@@ -23,29 +20,13 @@ NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids")
 
 
 @pytest.fixture(scope="module")
-def four_layer():
-    cfg, vocab = make_tiny_config(kv_heads=2)  # GQA exercises the K/V head repeat
-    cfg.text_config.num_hidden_layers = 4
-    model = build_tiny_model(cfg=cfg, seed=4)
-    proc = synth_llava.make_processor(vocab)
-    samples = [synthvqa.sample(9, i) for i in range(3)]
-    batch = inputs.encode(proc, [s.prompt for s in samples], [s.image for s in samples])
-    return model, batch
+def four_layer():  # GQA (2 KV heads for 4) exercises the K/V head repeat
+    return tiny_model_and_batch(n_layers=4, kv_heads=2, seed=4, data_seed=9)
 
 
 def _layer_io(gm, batch, target):
-    io = {}
-
-    class Rec(fx.Interpreter):
-        def call_module(self, t, args, kwargs):
-            res = super().call_module(t, args, kwargs)
-            if t == target:
-                io["in"], io["out"], io["vis"], io["am"] = args[0], res, args[4], args[5]
-            return res
-
-    with torch.no_grad():
-        Rec(gm).run(*(batch[k] for k in NAMES))
-    return io
+    args, res = record_modules(gm, batch, {target})[target]
+    return {"in": args[0], "out": res, "vis": args[4], "am": args[5]}
 
 
 def test_identity_config_is_bit_identical(four_layer):
@@ -105,7 +86,5 @@ def test_batched_frozen_graph_gives_same_answers_as_single_samples(four_layer):
     with torch.no_grad():
         together = gm(**batch)
         for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            one = {k: (v[i:i + 1, keep] if k != "pixel_values" else v[i:i + 1])
-                   for k, v in batch.items()}
+            one = single_sample(batch, i)
             assert torch.allclose(gm(**one)[0], together[i], atol=1e-4)

@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_tiny_model, make_tiny_config
-from torch import fx
+from helpers import (
+    build_tiny_model,
+    make_tiny_config,
+    record_modules,
+    single_sample,
+    tiny_model_and_batch,
+)
 from vlmopt.passes import select_visual as sv
 
-from vlmopt import api, cost, inputs
-from vlmopt.data import synthvqa
+from vlmopt import api, cost
 from vlmopt.errors import VerifyError
-from vlmopt.frontend import synth_llava
 from vlmopt.frontend.load import LoadedModel
 from vlmopt.ir.capture import capture, decoder_nodes
 from vlmopt.ir.select import ContextualMerge, DiversityScore
@@ -38,14 +41,8 @@ METHODS = {
 
 
 def _model_and_batch(vision_layers: int = 1, feature_layer: int = -1, seed: int = 3):
-    cfg, vocab = make_tiny_config()
-    cfg.vision_config.num_hidden_layers = vision_layers
-    cfg.vision_feature_layer = feature_layer
-    model = build_tiny_model(cfg=cfg, seed=seed)
-    proc = synth_llava.make_processor(vocab)
-    samples = [synthvqa.sample(5, i) for i in range(3)]
-    batch = inputs.encode(proc, [s.prompt for s in samples], [s.image for s in samples])
-    return model, batch
+    return tiny_model_and_batch(vision_layers=vision_layers, feature_layer=feature_layer,
+                                seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +53,8 @@ def tiny():
 
 def _record(gm, batch, targets):
     """Args (for decoders) or outputs (otherwise) of the named modules in one run."""
-    out = {}
-
-    class Rec(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            res = super().call_module(target, args, kwargs)
-            if target in targets:
-                out[target] = args if target.startswith("layer_") else res
-            return res
-
-    with torch.no_grad():
-        Rec(gm).run(*(batch[k] for k in NAMES))
-    return out
+    return {t: (args if t.startswith("layer_") else res)
+            for t, (args, res) in record_modules(gm, batch, targets).items()}
 
 
 def _kept_patches(gm, batch, image_id):
@@ -224,9 +211,7 @@ def test_batched_selection_gives_same_answers_as_single_samples(tiny, method):
     with torch.no_grad():
         together = gm(**batch)
         for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            one = {k: (v[i:i + 1, keep] if k != "pixel_values" else v[i:i + 1])
-                   for k, v in batch.items()}
+            one = single_sample(batch, i)
             assert torch.allclose(gm(**one)[0], together[i], atol=1e-4), f"sample {i}"
 
 
@@ -293,3 +278,17 @@ def test_verifier_rejects_a_selection_that_renumbers_positions(tiny):
     keeper.forward = renumbered
     with pytest.raises(VerifyError, match="positions unchanged|text tokens kept"):
         verify_graph(gm, pass_name="select_visual", example=batch)
+
+
+def test_visionzip_then_shortv_plan_verifies_and_runs():
+    """Regression: the verifier must not look the vision module up by name (VisionZip replaces
+    it and freeze_visual drops unused modules)."""
+    from vlmopt.pipeline import make_config
+
+    model = build_tiny_model()
+    steps = [("select_visual", make_config("select_visual", {"method": "visionzip", "keep": 49,
+                                                             "contextual": 8})),
+             ("freeze_visual", make_config("freeze_visual", {"layers": ["layer_1"]}))]
+    gm, rep = run_passes(capture(model), steps)
+    assert [r["changed"] for r in rep] == [True, True]
+    assert [d.meta["vlmopt"]["n_visual"] for d in decoder_nodes(gm)] == [49, 49]

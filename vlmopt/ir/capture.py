@@ -70,6 +70,7 @@ def capture(model: LoadedModel | nn.Module) -> fx.GraphModule:
         "n_layers": len(a.layers),
         "image_token_id": a.image_token_id,
         "n_visual": n_vis,
+        "image_size": int(cfg.vision_config.image_size),
         "passes": [],
     }
     return gm

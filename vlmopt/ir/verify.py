@@ -29,14 +29,14 @@ def _fail(pass_name: str | None, node: str, invariant: str, detail: str) -> Veri
 def example_shapes(gm: fx.GraphModule, batch: int = 2, n_text: int = 16) -> dict:
     """Fake-able example inputs of the captured model's real shapes."""
     info = gm.meta["vlmopt"]
-    vision = gm.get_submodule("vision").tower.config
+    size = info["image_size"]  # NOTE: from meta: passes may replace the vision module
     n_vis = info["n_visual"]
     T = n_text + n_vis
     ids = torch.full((batch, T), 1, dtype=torch.long)
     ids[:, 4:4 + n_vis] = info["image_token_id"]
     return {
         "input_ids": ids,
-        "pixel_values": torch.zeros(batch, 3, vision.image_size, vision.image_size),
+        "pixel_values": torch.zeros(batch, 3, size, size),
         "attention_mask": torch.ones(batch, T, dtype=torch.long),
         "position_ids": torch.arange(T).expand(batch, T).contiguous(),
     }
