@@ -11,6 +11,10 @@ LLM fits the text prior first and turns the visual tokens into content-free atte
 visual token informative through all decoder layers. The heads are discarded: the checkpoint is
 a plain LLaVA.
 
+Stages: ``--init DIR`` starts from a checkpoint's weights (safetensors) instead of random ones,
+with a fresh warm-up and cosine schedule; the released checkpoint's recipe is recorded in its
+directory (``training.json``).
+
 Deterministic for a seed (on one device and thread count): the training stream is
 ``synthvqa.sample(train_seed, i)`` and torch is seeded. Uses a GPU when there is one. The result
 is a plain Hugging Face LLaVA directory (safetensors + tokenizer/processor/chat template).
@@ -19,6 +23,7 @@ is a plain Hugging Face LLaVA directory (safetensors + tokenizer/processor/chat 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections import defaultdict
@@ -90,6 +95,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--init", type=Path, help="start from this checkpoint's weights")
+    ap.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of "
+                    "the --steps schedule")
     args = ap.parse_args()
 
     from transformers import LlavaForConditionalGeneration
@@ -101,7 +109,11 @@ def main() -> None:
     processor = synth_llava.make_processor(vocab)
     tok = processor.tokenizer
     n_image, image_id = cfg.image_seq_length, cfg.image_token_id
-    model = LlavaForConditionalGeneration(cfg).to(device)
+    if args.init:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, use_safetensors=True)
+        model = model.to(device)
+    else:
+        model = LlavaForConditionalGeneration(cfg).to(device)
     model.train()
     n_cls = (len(synthvqa.COLOURS) + 1, len(synthvqa.SHAPES) + 1, len(synthvqa.GLYPHS) + 1)
 
@@ -128,7 +140,7 @@ def main() -> None:
     held = [synthvqa.sample(7_777_777, i) for i in range(350)]
     train_seed = synthvqa.SPLIT_SEEDS["train"] + args.seed
     t0, run_loss = time.time(), 0.0
-    for step in range(args.steps):
+    for step in range(min(args.steps, args.stop_after or args.steps)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         samples = [synthvqa.sample(train_seed, step * args.batch_size + j)
@@ -156,7 +168,8 @@ def main() -> None:
         run_loss += loss.item()
         if (step + 1) % 50 == 0:
             print(f"  step {step + 1} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        final_step = step + 1 == min(args.steps, args.stop_after or args.steps)
+        if (step + 1) % args.eval_every == 0 or final_step:
             acc, per = evaluate(model, held, tok, n_image, image_id, device)
             per_s = " ".join(f"{k}={v:.2f}" for k, v in sorted(per.items()))
             print(f"step {step + 1:5d} loss {run_loss / args.eval_every:.3f} held-out acc "
@@ -164,6 +177,10 @@ def main() -> None:
             run_loss = 0.0
             model.save_pretrained(args.out, safe_serialization=True)  # keep the latest
             processor.save_pretrained(args.out)
+            recipe = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            (args.out / "training.json").write_text(json.dumps(
+                {"recipe": recipe, "step": step + 1, "held_out_accuracy": acc,
+                 "held_out_per_type": per}, indent=2) + "\n")
     print(f"saved {args.out}")
 
 

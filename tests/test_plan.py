@@ -150,3 +150,17 @@ def test_analyze_ranks_layers_by_layer_contribution(tiny_llava, tmp_path, capsys
     lc = res["layer_contribution"]
     assert set(lc) == {"layer_0", "layer_1"} and all(v >= 0 for v in lc.values())
     assert res["freeze_order"] == sorted(lc, key=lc.get)
+
+
+def test_eval_with_a_plan_measures_agreement_against_the_original(tiny_llava, synth_data,
+                                                                   tmp_path, capsys):
+    lm = vlmopt.load(tiny_llava)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_plan_json(
+        [{"name": "drop_tokens", "config": {"keep": {"layer_1": 5}, "scorer": "random"}}],
+        lm.fingerprint)))
+    assert main(["eval", str(tiny_llava), "--data", str(synth_data), "--plan", str(path),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["reference"] == "original" and res["plan"] == str(path)
+    assert res["kl"] > 0  # dropping 191 of 196 visual tokens moves the distribution

@@ -77,15 +77,22 @@ def cmd_eval(args) -> int:
     lm = load(args.model)
     if lm.processor is None:
         raise VlmoptError(f"{args.model}: no processor files; evaluation needs them")
-    runner = hf_runner(lm.model)
+    original = hf_runner(lm.model)
+    runner = original
+    if args.plan:
+        from vlmopt.api import apply_plan
+        from vlmopt.ir.capture import graph_runner
+
+        runner = graph_runner(apply_plan(lm, args.plan))
     advance, close = _progress(len(records), "evaluating")
     try:
         res = evaluate(runner, records, lm.processor, batch_size=args.batch_size,
-                       reference=runner if args.blank_image else None,
+                       reference=original if (args.blank_image or args.plan) else None,
                        blank_image=args.blank_image, progress=advance)
     finally:
         close()
-    out = {"model": args.model, "data": args.data or default_data(args.model, None),
+    out = {"model": args.model, "plan": args.plan,
+           "data": args.data or default_data(args.model, None),
            "blank_image": args.blank_image, **res.to_json()}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -291,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="JSONL dataset or builtin:synthvqa-{calib,test}")
     e.add_argument("--limit", type=_positive("--limit"))
     e.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    e.add_argument("--plan", help="evaluate the model optimized by this plan.json "
+                   "(agreement and KL are then against the original)")
     e.add_argument("--blank-image", action="store_true",
                    help="feed a flat grey image instead (measures how much answers need it)")
     e.add_argument("--json", action="store_true")
