@@ -37,9 +37,9 @@ from vlmopt.data import synthvqa
 from vlmopt.frontend import synth_llava
 
 
-def encode(tokenizer, question: str, answer: str | None, n_image: int, image_id: int):
+def encode(tokenizer, prompt: str, answer: str | None, n_image: int, image_id: int):
     """Token ids of the chat-templated prompt, <image> expanded, plus answer and eos if given."""
-    text = f"USER: <image>\n{question} ASSISTANT:"  # = the checkpoint's chat template
+    text = f"USER: {prompt} ASSISTANT:"  # = the checkpoint's chat template
     ids = tokenizer(text)["input_ids"]
     at = ids.index(image_id)
     ids = ids[:at] + [image_id] * n_image + ids[at + 1:]
@@ -55,7 +55,7 @@ def pixels(images) -> torch.Tensor:
 
 
 def batch(samples, tokenizer, n_image, image_id, with_answer=True):
-    seqs = [encode(tokenizer, s.question, s.answer if with_answer else None, n_image, image_id)
+    seqs = [encode(tokenizer, s.prompt, s.answer if with_answer else None, n_image, image_id)
             for s in samples]
     T = max(map(len, seqs))
     ids = torch.zeros(len(seqs), T, dtype=torch.long)

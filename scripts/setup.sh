@@ -7,7 +7,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
+quiet() {  # pip's notes about absent local index folders are noise, not errors
+  "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+  return "${PIPESTATUS[0]}"
+}
+quiet python -m pip install -q --upgrade pip
 # NOTE: torch is pinned to the CPU build (2.13.0); a free range would pull a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+quiet python -m pip install -q "torch==2.13.0"
+quiet python -m pip install -q -e ".[dev]"

@@ -54,7 +54,7 @@ GLYPHS = {
 COUNT_WORDS = tuple(str(i) for i in range(9))
 
 # Bumped whenever the generator's output changes; names the cached builtin splits.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Fixed seeds that define the released splits. Changing them changes the datasets.
 SPLIT_SEEDS = {"train": 0, "calib": 1_000_003, "test": 2_000_003}
 SPLIT_SIZES = {"calib": 256, "test": 1050}
@@ -305,7 +305,11 @@ class Sample:
 
     @property
     def prompt(self) -> str:
-        return f"<image>\n{self.question}"
+        # NOTE: question first, so visual tokens can attend to it (causal attention): each
+        # visual token can tell whether it is what is asked about. Image-first prompts left a
+        # from-scratch model stuck at the text prior (the last token must then gather the
+        # question before it can form a question-specific query: a 2-hop circuit).
+        return f"{self.question}\n<image>"
 
 
 def sample(seed: int, index: int) -> Sample:
