@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     ap.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of "
                     "the --steps schedule")
@@ -163,7 +164,7 @@ def main() -> None:
                     head(f).flatten(0, 1), labels[:, j].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         run_loss += loss.item()
         if (step + 1) % 50 == 0:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from vlmopt import inputs
 from vlmopt.data.dataset import Record, load_records
 from vlmopt.errors import VlmoptError
-from vlmopt.evaluate import answer_token, evaluate, hf_runner
+from vlmopt.evaluation import answer_token, evaluate, hf_runner
 from vlmopt.frontend.load import load
 
 N_IMAGE = 196  # (112 / 8) ** 2 patches, CLS dropped

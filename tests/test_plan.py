@@ -164,3 +164,12 @@ def test_eval_with_a_plan_measures_agreement_against_the_original(tiny_llava, sy
     res = json.loads(capsys.readouterr().out)
     assert res["reference"] == "original" and res["plan"] == str(path)
     assert res["kl"] > 0  # dropping 191 of 196 visual tokens moves the distribution
+
+
+def test_api_functions_stay_callable_after_first_use(tiny_llava, synth_data):
+    """Regression: a submodule named like an API function shadowed it after first import."""
+    lm = vlmopt.load(tiny_llava)
+    first = vlmopt.evaluate(lm, str(synth_data), limit=2)
+    again = vlmopt.evaluate(lm, str(synth_data), limit=2)
+    assert first.predictions == again.predictions
+    assert callable(vlmopt.capture) and callable(vlmopt.flops) and callable(vlmopt.apply_plan)

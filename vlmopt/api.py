@@ -99,8 +99,8 @@ def evaluate(lm: LoadedModel, data, *, graph: fx.GraphModule | None = None,
     """Accuracy of ``graph`` (default: the original model) on ``data``; agreement and KL are
     measured against the original model on the same inputs."""
     from vlmopt.data.dataset import load_records
-    from vlmopt.evaluate import evaluate as _evaluate
-    from vlmopt.evaluate import hf_runner
+    from vlmopt.evaluation import evaluate as _evaluate
+    from vlmopt.evaluation import hf_runner
     from vlmopt.ir.capture import graph_runner
 
     records = data if isinstance(data, list) else load_records(data, limit=limit)

@@ -69,7 +69,7 @@ def default_data(model: str, data: str | None, flag: str = "--data") -> str:
 
 def cmd_eval(args) -> int:
     from vlmopt.data.dataset import load_records
-    from vlmopt.evaluate import evaluate, hf_runner
+    from vlmopt.evaluation import evaluate, hf_runner
     from vlmopt.frontend.load import load, resolve_model
 
     resolve_model(args.model)  # NOTE: the model's errors come before the data's

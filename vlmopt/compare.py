@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vlmopt import api, inputs
 from vlmopt.data.dataset import Record
-from vlmopt.evaluate import answer_token
+from vlmopt.evaluation import answer_token
 from vlmopt.ir.capture import capture, complete_inputs
 from vlmopt.pipeline import make_config, registry, run_passes
 
