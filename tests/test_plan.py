@@ -173,3 +173,14 @@ def test_api_functions_stay_callable_after_first_use(tiny_llava, synth_data):
     again = vlmopt.evaluate(lm, str(synth_data), limit=2)
     assert first.predictions == again.predictions
     assert callable(vlmopt.capture) and callable(vlmopt.flops) and callable(vlmopt.apply_plan)
+
+
+def test_plan_that_does_not_fit_the_model_is_one_error_line(tiny_llava, tmp_path, capsys):
+    lm = vlmopt.load(tiny_llava)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_plan_json(
+        [{"name": "drop_tokens", "config": {"keep": {"layer_20": 5}}}], lm.fingerprint)))
+    assert main(["apply", str(path), str(tiny_llava), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layer_20" in err[0] and "drop_tokens" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -114,7 +114,11 @@ def run_passes(gm: fx.GraphModule, steps: list[tuple[str, Any]], *, verify: bool
     report = []
     for i, (name, config) in enumerate(steps, 1):
         t0 = time.perf_counter()
-        res = get_pass(name).run(gm, config)
+        try:
+            res = get_pass(name).run(gm, config)
+        except ValueError as e:  # the plan asks what this model cannot do
+            msg = str(e)
+            raise PlanError(msg if msg.startswith(name) else f"pass {name!r}: {msg}") from None
         gm = res.graph
         gm.meta["vlmopt"]["passes"].append(name)
         if verify:

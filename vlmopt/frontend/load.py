@@ -171,12 +171,19 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | N
     if weights:
         if device == "meta":
             raise VlmoptError(f"{path}: device 'meta' is for config-only directories")
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a library logs; it draws no bars on the user's tty
         try:
             model = LlavaForConditionalGeneration.from_pretrained(
                 path, config=config, local_files_only=True, use_safetensors=True,
                 trust_remote_code=False, dtype=dtype or torch.float32)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise VlmoptError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     else:
         log.info("%s has no weights: building with %s", path,
                  "meta tensors" if device == "meta" else f"random weights (seed {seed})")
