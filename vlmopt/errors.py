@@ -7,8 +7,12 @@ class VlmoptError(Exception):
     """An error caused by the user's input. The CLI prints it as one line and exits non-zero."""
 
 
-class PlanError(VlmoptError):
-    """A plan that cannot be applied (unknown pass, bad field, wrong schema, other model)."""
+class PlanError(VlmoptError, ValueError):
+    """A plan that cannot be applied (unknown pass, bad field, wrong schema, other model).
+
+    Also a ``ValueError``: a pass that rejects its config raises ``ValueError``, and the pass
+    manager re-raises it as a ``PlanError`` that callers may still catch as one.
+    """
 
 
 class VerifyError(VlmoptError):
