@@ -54,8 +54,23 @@ def layer_specs(gm: fx.GraphModule, n_text: int):
         nv = info["n_visual"]
         specs.append(LayerSpec(n_tokens=n_text + nv, n_visual=nv,
                                frozen_visual=bool(info.get("frozen", False)),
-                               q_rank=info.get("q_rank"), k_rank=info.get("k_rank")))
+                               q_rank=info.get("q_rank"), k_rank=info.get("k_rank"),
+                               bits=tuple(sorted(info.get("bits", {}).items())),
+                               group_size=info.get("group_size", 0)))
     return specs
+
+
+def _weight_bytes(shapes, gm: fx.GraphModule, specs) -> dict:
+    """Weight bytes per node of ``gm``: low ranks and quantized bits (vlmopt.cost)."""
+    from vlmopt import cost
+
+    node_bits, group = {}, 0
+    for n in gm.graph.nodes:
+        info = n.meta.get("vlmopt", {})
+        if info.get("block") in ("head", "project") and info.get("bits"):
+            node_bits[info["block"]] = info["bits"]
+            group = info["group_size"]
+    return cost.weight_bytes(shapes, specs, node_bits=node_bits, group_size=group)
 
 
 def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
@@ -81,6 +96,7 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
             opt[n.name] = opt.get(n.name, 0) + extra
             opt["total"] += extra
     kv_len = [s.n_tokens for s in specs]
+    wbytes = _weight_bytes(shapes, gm, specs)
     return {
         "n_text": n_text,
         "n_visual": shapes.n_visual,
@@ -89,8 +105,11 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
         "original_total": base["total"],
         "ratio": opt["total"] / base["total"],
         "visual_tokens_per_layer": [s.n_visual for s in specs],
-        "decode_flops_per_token": cost.decode_flops_per_token(shapes, kv_len),
+        "decode_flops_per_token": cost.decode_flops_per_token(shapes, kv_len, specs),
         "kv_cache_bytes_per_layer": cost.kv_cache_bytes(shapes, kv_len),
+        "weight_bytes_per_node": wbytes,
+        "weight_bytes_total": wbytes["total"],
+        "original_weight_bytes_total": cost.weight_bytes(shapes)["total"],
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -126,6 +127,11 @@ class LayerSpec:
     frozen_visual: bool = False  # ShortV: visual tokens get only K/V; queries/O/FFN text-only
     q_rank: int | None = None  # low-rank W_q: d -> r -> d_q; None = dense
     k_rank: int | None = None  # low-rank W_k: d -> r -> d_kv
+    # weight-only quantization: ((linear path in the HF layer, bits), ...), e.g.
+    # (("self_attn.q_proj.0", 4), ("mlp.down_proj", 8)); a factor also takes its projection's
+    # entry; unlisted linears stay float. Changes bytes, not FLOPs.
+    bits: tuple = ()
+    group_size: int = 0
 
     def __post_init__(self):
         if not 0 <= self.n_visual <= self.n_tokens:
@@ -216,30 +222,68 @@ def kv_cache_bytes(s: ModelShapes, kv_lengths: list[int],
     return [2 * kv * s.kv_heads * s.head_dim * b for kv in kv_lengths]
 
 
+def matrix_bytes(d_out: int, d_in: int, bits: int, group_size: int, scale_bytes: int,
+                 float_bytes: int) -> int:
+    """One weight matrix: float (bits 0), or per row ceil(d_in / g) groups, each g codes of
+    ``bits`` packed into whole bytes plus one scale (ONNX Runtime MatMulNBits' layout)."""
+    if not bits:
+        return d_out * d_in * float_bytes
+    return d_out * math.ceil(d_in / group_size) * (math.ceil(group_size * bits / 8) + scale_bytes)
+
+
+def layer_matrices(s: ModelShapes, spec: LayerSpec) -> list[tuple[str, int, int]]:
+    """(path in the HF layer, d_out, d_in) of every weight matrix of one decoder layer."""
+    out = []
+    for name, d_out, rank in (("q_proj", s.d_q, spec.q_rank), ("k_proj", s.d_kv, spec.k_rank)):
+        if rank is None:
+            out.append((f"self_attn.{name}", d_out, s.d))
+        else:  # Linear(d -> r) then Linear(r -> d_out)
+            out += [(f"self_attn.{name}.0", rank, s.d), (f"self_attn.{name}.1", d_out, rank)]
+    out += [("self_attn.v_proj", s.d_kv, s.d), ("self_attn.o_proj", s.d, s.d_q)]
+    mlp = ["gate_proj", "up_proj"][3 - s.ffn_mats:] if s.ffn_mats <= 3 else []
+    out += [(f"mlp.{m}", s.m, s.d) for m in mlp] + [("mlp.down_proj", s.d, s.m)]
+    return out
+
+
+def _bits_of(bits: dict, path: str) -> int:
+    return bits.get(path, bits.get(path.rsplit(".", 1)[0], 0) if path[-1].isdigit() else 0)
+
+
 def weight_bytes(s: ModelShapes, layers: list[LayerSpec] | None = None,
-                 bytes_per_el: int | None = None) -> dict[str, int]:
+                 bytes_per_el: int | None = None, *, node_bits: dict | None = None,
+                 group_size: int = 0) -> dict[str, int]:
     """Parameter bytes per node: vision, project, embed, layer_i, head (+ norm), total.
 
-    Low ranks in ``layers`` shrink W_q/W_k. A tied LM head shares the embedding's storage: its
-    entry is 0 and only its final norm is counted (decode still reads the matrix once per token).
+    Low ranks in ``layers`` shrink W_q/W_k; their ``bits`` store the layer's linears as codes
+    plus one scale (``bytes_per_el``) per group. ``node_bits``: {"head": {"lm_head": b},
+    "project": {"linear_1": b, "linear_2": b}} for a quantized LM head / projector. A tied LM
+    head shares the embedding's storage: its entry is 0 and only its final norm is counted
+    (decode still reads the matrix once per token) - unless it is quantized (its own codes).
     """
     b = s.bytes_per_el if bytes_per_el is None else bytes_per_el
+    node_bits = node_bits or {}
     h, i = s.vision_hidden, s.vision_intermediate
     vision = (s.num_channels * s.patch_size ** 2 * h  # patch conv, no bias
               + h * int(s.has_cls) + s.n_vision_tokens * h  # class + position embeddings
               + 2 * 2 * h  # pre_layrnorm, post_layernorm
               + s.vision_layers * (4 * (h * h + h) + 2 * 2 * h + 2 * h * i + i + h))
-    proj = s.proj_in * s.d + s.d * s.d + 2 * s.d * int(s.projector_bias)
-    out = {"vision": vision, "project": proj, "embed": s.vocab * s.d}
+    pb = node_bits.get("project", {})
+    out = {"vision": b * vision, "embed": b * s.vocab * s.d,
+           "project": (matrix_bytes(s.d, s.proj_in, pb.get("linear_1", 0), group_size, b, b)
+                       + matrix_bytes(s.d, s.d, pb.get("linear_2", 0), group_size, b, b)
+                       + b * 2 * s.d * int(s.projector_bias))}
     for li in range(s.n_layers):
         spec = layers[li] if layers else LayerSpec(0, 0)
-        out[f"layer_{li}"] = (
-            _proj_macs(1, s.d, s.d_q, spec.q_rank) + _proj_macs(1, s.d, s.d_kv, spec.k_rank)
-            + s.d * s.d_kv + s.d_q * s.d + s.ffn_mats * s.d * s.m + 2 * s.d  # 2 RMSNorms
+        bits = dict(spec.bits)
+        out[f"layer_{li}"] = b * (
+            2 * s.d  # 2 RMSNorms
             + (s.d_q + 2 * s.d_kv) * int(s.qkv_bias) + s.d * int(s.o_bias)
-            + ((s.ffn_mats - 1) * s.m + s.d) * int(s.mlp_bias))
-    out["head"] = s.d * s.vocab * int(not s.tied_embeddings) + s.d  # + final norm
-    out = {k: b * v for k, v in out.items()}
+            + ((s.ffn_mats - 1) * s.m + s.d) * int(s.mlp_bias)) + sum(
+            matrix_bytes(d_out, d_in, _bits_of(bits, path), spec.group_size, b, b)
+            for path, d_out, d_in in layer_matrices(s, spec))
+    hb = node_bits.get("head", {}).get("lm_head", 0)
+    out["head"] = b * s.d + (matrix_bytes(s.vocab, s.d, hb, group_size, b, b)
+                             if hb or not s.tied_embeddings else 0)  # + final norm
     out["total"] = sum(out.values())
     return out
 

@@ -73,6 +73,9 @@ def capture(model: LoadedModel | nn.Module) -> fx.GraphModule:
         "image_size": int(cfg.vision_config.image_size),
         "passes": [],
     }
+    if isinstance(model, LoadedModel):  # lets a pass rebuild calibration statistics from a plan
+        gm.meta["vlmopt"]["source"] = {"path": str(model.path), "name": model.name,
+                                       "fingerprint": model.fingerprint}
     return gm
 
 

@@ -55,6 +55,13 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
     except Exception as e:  # fx raises RuntimeError/AssertionError with its own message
         raise _fail(pass_name, "<graph>", "fx lint", str(e)) from None
     gm.recompile()
+    # NOTE: before shape propagation, so a mis-shaped factor is named, not a matmul error
+    for name, mod in gm.named_modules():
+        check = getattr(mod, "verify_factors", None)
+        if check is not None:
+            problem = check()
+            if problem:
+                raise _fail(pass_name, name, "low-rank factors shaped like the weight", problem)
 
     # shape propagation under fake tensors
     args = example_shapes(gm, n_text=n_text)
@@ -84,12 +91,6 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
             raise _fail(pass_name, n.name, "declared visual count matches shape",
                         f"declares {declared} visual + {n_text} text but sees {T} tokens")
         prev = T
-    for name, mod in gm.named_modules():
-        check = getattr(mod, "verify_factors", None)
-        if check is not None:
-            problem = check()
-            if problem:
-                raise _fail(pass_name, name, "low-rank factors shaped like the weight", problem)
     if example is not None:
         verify_values(gm, example, pass_name=pass_name)
 

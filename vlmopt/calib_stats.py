@@ -1,0 +1,143 @@
+"""Calibration statistics for weight compression: the second moment of each decoder layer's
+normed input, G_l = E[x x^T] over calibration tokens, x = input_layernorm(hidden) [D] - the
+input of that layer's q/k/v projections (what whitened SVD needs, shared/methods.md 8.2).
+
+Statistics are a function of (checkpoint, calibration records) only: they are taken on the
+ORIGINAL model (every visual and text token, padding excluded), never on a rewritten graph, so
+one set serves every plan a search tries. They are cached on disk under
+``$VLMOPT_CACHE/cov/<fingerprint>-<data hash>.safetensors`` (and in memory).
+
+``covariances_for_graph`` is what a pass calls: a graph captured from a loaded model carries its
+source (``gm.meta["vlmopt"]["source"]``: path, name, fingerprint), so a pass config that names
+only a calibration set (``calib``, ``calib_samples``) rebuilds the same statistics on a fresh
+machine: the plan alone reproduces the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+from torch import fx
+
+from vlmopt import inputs
+from vlmopt.data.dataset import Record, cache_dir, load_records
+from vlmopt.ir.capture import capture, complete_inputs
+
+log = logging.getLogger(__name__)
+
+_MEMORY: dict[str, dict[str, torch.Tensor]] = {}  # key -> covariances; a few entries at most
+
+
+def _data_key(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.image}\x00{r.prompt}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class _Collect(fx.Interpreter):
+    """Accumulates sum x x^T and the token count at every decoder node's normed input."""
+
+    def __init__(self, gm, gram, count):
+        super().__init__(gm)
+        self.gram, self.count = gram, count
+
+    def call_module(self, target, args, kwargs):
+        mod = self.module.get_submodule(target)
+        if getattr(mod, "is_decoder_block", False):
+            hidden, amask = args[0], args[5]  # [B, T, D], [B, T]
+            x = mod.layer.input_layernorm(hidden)[amask.bool()].double()  # [N, D]
+            name = f"layer_{mod.index}"
+            if name not in self.gram:
+                self.gram[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+                self.count[name] = 0
+            self.gram[name] += x.T @ x
+            self.count[name] += x.shape[0]
+        return super().call_module(target, args, kwargs)
+
+
+@torch.no_grad()
+def input_covariances(lm, records: list[Record], *, batch_size: int = 8,
+                      processor=None) -> dict[str, torch.Tensor]:
+    """{"layer_i": E[x x^T] [D, D] float32} of each decoder layer's normed input over every
+    real token of ``records``. ``lm``: a LoadedModel, or a captured graph with ``processor``."""
+    if isinstance(lm, fx.GraphModule):
+        gm, proc = lm, processor
+    else:
+        gm, proc = capture(lm), processor or lm.processor
+    gram: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        batch = complete_inputs(inputs.encode(proc, [r.prompt for r in chunk],
+                                              [r.load_image() for r in chunk]))
+        _Collect(gm, gram, count).run(*(batch[k] for k in names))
+    return {k: (g / count[k]).float() for k, g in gram.items()}
+
+
+def _key(fingerprint: str, records: list[Record]) -> str:
+    return f"{fingerprint.split(':')[-1]}-{_data_key(records)}"
+
+
+def _lookup(key: str) -> dict[str, torch.Tensor] | None:
+    if key not in _MEMORY:
+        path = cache_dir() / "cov" / f"{key}.safetensors"
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        _remember(key, load_file(str(path)))
+    return _MEMORY[key]
+
+
+def _remember(key: str, covs: dict[str, torch.Tensor]) -> None:
+    while len(_MEMORY) >= 2:  # a 7B model's set is ~2 GB: keep few
+        _MEMORY.pop(next(iter(_MEMORY)))
+    _MEMORY[key] = covs
+
+
+def cached_covariances(lm, records: list[Record], *, use_cache: bool = True
+                       ) -> dict[str, torch.Tensor]:
+    """``input_covariances`` of a LoadedModel, cached per (model fingerprint, records)."""
+    from safetensors.torch import save_file
+
+    key = _key(lm.fingerprint, records)
+    if use_cache and (hit := _lookup(key)) is not None:
+        return hit
+    log.info("calibration covariances of %s on %d samples", lm.name, len(records))
+    covs = input_covariances(lm, records)
+    path = cache_dir() / "cov" / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(covs, str(tmp), metadata={"model": lm.name, "n": str(len(records))})
+    tmp.replace(path)
+    _remember(key, covs)
+    return covs
+
+
+def covariances_for_graph(gm: fx.GraphModule, calib: str, n_samples: int,
+                          who: str = "calibration") -> dict[str, torch.Tensor]:
+    """The covariances of the model ``gm`` was captured from, on the first ``n_samples``
+    records of ``calib`` (a dataset path or builtin name). A ValueError when ``gm`` does not
+    know its source (captured from a bare nn.Module) or the model has no processor."""
+    from vlmopt.frontend.load import load
+
+    src = gm.meta["vlmopt"].get("source")
+    if not src:
+        raise ValueError(f"{who}: this graph does not know its checkpoint (captured from a bare "
+                         "nn.Module), so calibration statistics cannot be computed; capture a "
+                         "model loaded with vlmopt.load(), or turn whitening off")
+    records = load_records(calib, limit=n_samples)
+    hit = _lookup(_key(src["fingerprint"], records))
+    if hit is not None:
+        return hit
+    lm = load(src["path"])
+    if lm.fingerprint != src["fingerprint"]:
+        raise ValueError(f"{who}: {src['path']} changed since it was captured (fingerprint "
+                         f"{lm.fingerprint} != {src['fingerprint']})")
+    if lm.processor is None:
+        raise ValueError(f"{who}: {src['path']} has no processor files to encode {calib}")
+    return cached_covariances(lm, records)
