@@ -71,14 +71,24 @@ def cmd_eval(args) -> int:
     from vlmopt.data.dataset import load_records
     from vlmopt.evaluation import evaluate, hf_runner
     from vlmopt.frontend.load import load, resolve_model
+    from vlmopt.runtime import is_artifact
 
-    resolve_model(args.model)  # NOTE: the model's errors come before the data's
-    records = load_records(default_data(args.model, args.data), limit=args.limit)
-    lm = load(args.model)
-    if lm.processor is None:
-        raise VlmoptError(f"{args.model}: no processor files; evaluation needs them")
-    original = hf_runner(lm.model)
-    runner = original
+    if is_artifact(args.model):  # an emitted ONNX package: the deployed artifact's accuracy
+        from vlmopt.emit import artifact_eval
+
+        runner, processor, data = artifact_eval(args.model, args.data, args.plan)
+        records = load_records(data, limit=args.limit)
+        original = runner
+        args.data = data
+    else:
+        resolve_model(args.model)  # NOTE: the model's errors come before the data's
+        records = load_records(default_data(args.model, args.data), limit=args.limit)
+        lm = load(args.model)
+        if lm.processor is None:
+            raise VlmoptError(f"{args.model}: no processor files; evaluation needs them")
+        processor = lm.processor
+        original = hf_runner(lm.model)
+        runner = original
     if args.plan:
         from vlmopt.api import apply_plan
         from vlmopt.ir.capture import graph_runner
@@ -86,7 +96,7 @@ def cmd_eval(args) -> int:
         runner = graph_runner(apply_plan(lm, args.plan))
     advance, close = _progress(len(records), "evaluating")
     try:
-        res = evaluate(runner, records, lm.processor, batch_size=args.batch_size,
+        res = evaluate(runner, records, processor, batch_size=args.batch_size,
                        reference=original if (args.blank_image or args.plan) else None,
                        blank_image=args.blank_image, progress=advance)
     finally:
@@ -262,8 +272,9 @@ def cmd_apply(args) -> int:
     from vlmopt.plan import Plan
 
     plan = Plan.load(args.plan)
-    lm = _load_for_cost(args.model)
+    lm = _load_for_cost(args.model) if args.no_onnx else _load_for_emit(args.model)
     out = Path(args.out)
+    calib = [] if args.no_onnx else _emit_calib(args.model, args.calib, lm)
     tmp = _fresh_out(out)
     try:
         gm = apply_plan(lm, plan, verify=True, dump_dir=args.dump_dir)
@@ -272,13 +283,62 @@ def cmd_apply(args) -> int:
         cost = flops(lm, gm)
         (tmp / "passes.json").write_text(json.dumps(
             {"passes": gm.meta["vlmopt"]["report"], "flops_ratio": cost["ratio"]}, indent=2))
+        manifest = None
+        if not args.no_onnx:
+            from vlmopt.emit import emit
+
+            manifest = emit(lm, gm, tmp, calib, quantize=args.quantize)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    onnx = "no ONNX export (--no-onnx)" if manifest is None else (
+        f"ONNX package checked against PyTorch on {manifest['parity']['samples']} sample(s), "
+        f"max logit diff {manifest['parity']['max_abs_logit_diff']:.2g}")
     print(f"applied {len(plan.passes)} pass(es); prefill FLOPs ratio {cost['ratio']:.4f}; "
-          f"wrote {out} (ONNX export: not yet)")
+          f"wrote {out} ({onnx})")
     return 0
+
+
+def _load_for_emit(model: str):
+    """Export needs weights: a config-only directory loads with seeded random weights."""
+    from vlmopt.frontend.load import load
+
+    return load(model)
+
+
+def _emit_calib(model: str, calib: str | None, lm) -> list:
+    """Parity samples for emit: --calib, the built-in calibration split, or none (emit then
+    checks parity on synthetic prompts and pixels)."""
+    from vlmopt.data.dataset import load_records
+
+    calib = calib or ("builtin:synthvqa-calib" if model == "builtin:synth-llava" else None)
+    if calib is None:
+        log.warning("no --calib: ONNX parity is checked on synthetic inputs only")
+        return []
+    return load_records(calib, limit=8)
+
+
+def cmd_run(args) -> int:
+    # NOTE: ONNX Runtime alone; nothing on this path may import torch (tests/test_runtime.py)
+    from vlmopt.runtime import Artifact, Preprocessor
+
+    art = Artifact(args.out, provider=args.provider)
+    if not art.manifest.get("processor"):
+        raise VlmoptError(f"{args.out}: the artifact has no processor files (made from a "
+                          "config-only model); vlmopt run needs them")
+    pre = Preprocessor(art.root / art.manifest["processor"])
+    image = Path(args.image)
+    if not image.is_file():
+        raise VlmoptError(f"--image {image}: no such file")
+    print(art.generate(pre, [args.prompt], [image], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from vlmopt.bench import main as bench_main
+
+    return bench_main(args)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -341,7 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model")
     a.add_argument("--out", required=True)
     a.add_argument("--dump-dir", help="write the readable graph after each pass here")
+    a.add_argument("--calib", help="samples for the ONNX parity check (default for "
+                   "builtin:synth-llava: builtin:synthvqa-calib; otherwise synthetic inputs)")
+    a.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize the decode graph's weight MatMuls (ONNX Runtime)")
+    a.add_argument("--no-onnx", action="store_true", help="write plan and graph only")
     a.set_defaults(fn=cmd_apply)
+
+    r = sub.add_parser("run", help="generate with an emitted artifact on ONNX Runtime alone")
+    r.add_argument("out", help="artifact directory (vlmopt apply/optimize --out)")
+    r.add_argument("--image", required=True)
+    r.add_argument("--prompt", required=True, help="prompt containing <image> once")
+    r.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=16)
+    r.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    r.set_defaults(fn=cmd_run)
+
+    from vlmopt.bench import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="latency: original vs optimized, prefill and "
+                                   "decode, PyTorch eager and ONNX Runtime")).set_defaults(
+        fn=cmd_bench)
     return p
 
 
@@ -349,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.debug:
+    if not args.debug and args.command != "run":  # NOTE: `run` imports no torch/transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

@@ -1,0 +1,329 @@
+"""emit: a rewritten block graph -> an ONNX package that runs without vlmopt's PyTorch code.
+
+    OUT/onnx/prefill.onnx   pixel values, input ids, attention mask, position ids
+                            -> last-position logits, next position id, per-layer K/V + masks
+    OUT/onnx/decode.onnx    one token, its position, per-layer past K/V + masks -> same outputs
+    OUT/processor/          the checkpoint's tokenizer, processor and chat-template files
+    OUT/manifest.json       graphs, inputs/outputs, per-layer KV lengths, opset, sha256 of files
+
+Both graphs come from ``torch.onnx.export(..., dynamo=True)`` of the export forms in
+``vlmopt.export_graph``; the drops (TopK/Gather) are inside the prefill graph. Before emit
+declares success it checks ONNX Runtime against the PyTorch graph on calibration samples
+(logits and greedy generations) and raises a VlmoptError naming the sample otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx
+
+from vlmopt import runtime
+from vlmopt.errors import VlmoptError
+from vlmopt.export_graph import DecodeForm, PrefillForm
+from vlmopt.ir.capture import complete_inputs, decoder_nodes
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+SCHEMA = "vlmopt.artifact/1"
+PARITY_ATOL = 1e-4
+PARITY_TOKENS = 4  # greedy tokens generated per parity sample
+QUANTIZE = ("int8", "int4")
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "processor_config.json", "preprocessor_config.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def io_names(n_layers: int) -> dict[str, list[str]]:
+    per = [f"{{}}.{i}.{k}" for i in range(n_layers) for k in ("key", "value", "mask")]
+    present = [p.format("present") for p in per]
+    return {"prefill_in": ["input_ids", "pixel_values", "attention_mask", "position_ids"],
+            "prefill_out": ["logits", "next_position_ids", *present],
+            "decode_in": ["input_ids", "position_ids", *(p.format("past") for p in per)],
+            "decode_out": ["logits", "next_position_ids", *present]}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def synthetic_batch(gm: fx.GraphModule, vocab: int, n: int = 2, n_text: int = 8,
+                    seed: int = 0, ragged: bool = True) -> dict[str, torch.Tensor]:
+    """Random prompts of ``n_text`` text tokens around one image block (for models without
+    processor files); ``ragged``: sample i has i more tokens, so the batch is left-padded."""
+    meta = gm.meta["vlmopt"]
+    nv, img, size = meta.get("n_visual_project", meta["n_visual"]), meta["image_token_id"], \
+        meta["image_size"]
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        t = n_text + (i if ragged else 0)
+        ids = torch.randint(5, vocab, (t,), generator=g)
+        ids[ids == img] = 5
+        rows.append(torch.cat([ids[:2], torch.full((nv,), img), ids[2:]]))
+    T = max(len(r) for r in rows)
+    input_ids = torch.zeros(n, T, dtype=torch.long)
+    amask = torch.zeros(n, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r):] = r
+        amask[i, T - len(r):] = 1
+    pix = torch.randn(n, 3, size, size, generator=g)
+    return complete_inputs({"input_ids": input_ids, "attention_mask": amask,
+                            "pixel_values": pix})
+
+
+def calib_batch(lm, gm: fx.GraphModule, records: list, n: int) -> tuple[dict, list[str]]:
+    """(batch, sample names) for export and parity: calibration records when the model has a
+    processor, a synthetic batch otherwise."""
+    from vlmopt import inputs
+
+    if records and lm.processor is not None:
+        chunk = records[:max(1, n)]
+        batch = inputs.encode(lm.processor, [r.prompt for r in chunk],
+                              [r.load_image() for r in chunk])
+        names = [f"{getattr(r, 'image', '?')} / {r.prompt!r}" for r in chunk]
+        return complete_inputs(batch), names
+    batch = synthetic_batch(gm, int(lm.config.text_config.vocab_size), n=max(2, min(n, 4)))
+    return batch, [f"synthetic #{i}" for i in range(batch["input_ids"].shape[0])]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export(module, args: tuple, kwargs: dict, dynamic_shapes, in_names, out_names,
+            path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
+                                     dynamic_shapes=dynamic_shapes, input_names=in_names,
+                                     output_names=out_names, verbose=False, optimize=True)
+        except Exception as e:  # NOTE: no dynamo=False fallback: the exporter never needed one
+            raise VlmoptError(f"emit: ONNX export of {path.name} failed: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+    prog.save(str(path), external_data=None)  # external data only when > 2 GB
+
+
+def export_graphs(gm: fx.GraphModule, batch: dict, onnx_dir: Path) -> None:
+    """Write onnx/prefill.onnx and onnx/decode.onnx for the graph ``gm``."""
+    n_layers = len(decoder_nodes(gm))
+    names = io_names(n_layers)
+    B, S = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim.DYNAMIC
+    pf = PrefillForm(gm).eval()
+    ds = {"input_ids": {0: B, 1: S}, "pixel_values": {0: B}, "attention_mask": {0: B, 1: S},
+          "position_ids": {0: B, 1: S}}
+    with torch.no_grad():
+        _export(pf, (), dict(batch), ds, names["prefill_in"], names["prefill_out"],
+                onnx_dir / "prefill.onnx")
+        out = pf(**batch)
+    tok = out[0].argmax(-1, keepdim=True)  # [B, 1]
+    past = list(out[2:])
+    pds = []
+    for _ in range(n_layers):
+        P = torch.export.Dim.DYNAMIC
+        pds += [{0: B, 2: P}, {0: B, 2: P}, {0: B, 1: P}]
+    df = DecodeForm(gm).eval()
+    with torch.no_grad():
+        _export(df, (tok, out[1], past), {},
+                {"input_ids": {0: B}, "position_ids": {0: B}, "past": pds},
+                names["decode_in"], names["decode_out"], onnx_dir / "decode.onnx")
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@torch.no_grad()
+def torch_generate(gm: fx.GraphModule, batch: dict, max_new: int, eos: int | None):
+    """Greedy generation with the export forms in PyTorch: (tokens [B, N], logits per step)."""
+    pf, df = PrefillForm(gm).eval(), DecodeForm(gm).eval()
+    out = pf(**batch)
+    steps = [out[0].float().numpy()]
+    tok = out[0].argmax(-1)
+    toks, done = [tok], tok == (eos if eos is not None else -1)
+    for _ in range(max_new - 1):
+        if bool(done.all()):
+            break
+        out = df(tok[:, None], out[1], list(out[2:]))
+        steps.append(out[0].float().numpy())
+        tok = torch.where(done, tok, out[0].argmax(-1))
+        done = done | (tok == (eos if eos is not None else -1))
+        toks.append(tok)
+    return torch.stack(toks, 1).numpy(), steps
+
+
+def check_parity(art: runtime.Artifact, gm: fx.GraphModule, batch: dict, names: list[str],
+                 max_new: int = PARITY_TOKENS) -> dict:
+    """ONNX Runtime vs the PyTorch graph; raises VlmoptError naming the first bad sample."""
+    with torch.no_grad():
+        ref_logits = gm(**batch).float().numpy()  # the block graph itself, first token
+    feeds = {k: v.numpy() for k, v in batch.items()}
+    eos = art.manifest["tokens"].get("eos_token_id")
+    t_tok, t_steps = torch_generate(gm, batch, max_new, eos)
+    o_tok, o_steps = art.generate_ids(feeds, max_new)
+    worst = 0.0
+    for i, name in enumerate(names):
+        d0 = float(np.abs(o_steps[0][i] - ref_logits[i]).max())
+        ds = [float(np.abs(a[i] - b[i]).max()) for a, b in zip(o_steps, t_steps)]
+        d = max([d0, *ds])
+        worst = max(worst, d)
+        if d > PARITY_ATOL:
+            raise VlmoptError(f"emit: parity failed on sample {i} ({name}): ONNX Runtime vs "
+                              f"PyTorch logits max abs diff {d:.3g} > {PARITY_ATOL:g}")
+        if o_tok.shape != t_tok.shape or not np.array_equal(o_tok[i], t_tok[i]):
+            raise VlmoptError(f"emit: parity failed on sample {i} ({name}): generated "
+                              f"{o_tok[i].tolist()} on ONNX Runtime, {t_tok[i].tolist()} on "
+                              f"PyTorch (logits max abs diff {d:.3g})")
+    return {"samples": len(names), "max_abs_logit_diff": worst, "tokens": int(t_tok.shape[1]),
+            "atol": PARITY_ATOL}
+
+
+# ----------------------------------------------------------------------------- package
+
+
+def copy_processor(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _graph_io(path: Path) -> dict:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def desc(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": dims}
+
+    return {"inputs": [desc(v) for v in m.graph.input],
+            "outputs": [desc(v) for v in m.graph.output]}
+
+
+def write_checksums(out: Path, manifest: dict) -> None:
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
+                   and (p.parts[len(out.parts)] in ("onnx", "processor")))
+    manifest["files"] = {p.relative_to(out).as_posix(): {"sha256": sha256(p),
+                                                         "bytes": p.stat().st_size}
+                         for p in files}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def emit(lm, gm: fx.GraphModule, out_dir: Path, calib_records: list, *,
+         quantize: str | None = None, parity_samples: int = 4) -> dict:
+    """Export ``gm`` into the existing empty directory ``out_dir``, check parity, return the
+    manifest. The caller owns the directory (temp dir + rename for nothing half-written)."""
+    if quantize not in (None, *QUANTIZE):
+        raise VlmoptError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    out = Path(out_dir)
+    onnx_dir = out / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    batch, names = calib_batch(lm, gm, calib_records, parity_samples)
+    log.info("exporting prefill and decode graphs (%d layers)", len(decoder_nodes(gm)))
+    export_graphs(gm, batch, onnx_dir)
+    processor = copy_processor(lm.path, out / "processor") if lm.processor is not None else []
+    manifest = build_manifest(lm, gm, out, processor)
+    write_checksums(out, manifest)
+    art = runtime.Artifact(out, verify=False)
+    manifest["parity"] = check_parity(art, gm, batch, names)
+    log.info("parity: %s", manifest["parity"])
+    if quantize:
+        ref_tok, _ = art.generate_ids({k: v.numpy() for k, v in batch.items()}, PARITY_TOKENS)
+        del art
+        from vlmopt.emit_quant import quantize_decode
+
+        quantize_decode(onnx_dir / "decode.onnx", quantize)
+        manifest["graphs"]["decode"].update(_graph_io(onnx_dir / "decode.onnx"))
+        q_tok, _ = runtime.Artifact(out, verify=False).generate_ids(
+            {k: v.numpy() for k, v in batch.items()}, PARITY_TOKENS)
+        n = min(ref_tok.shape[1], q_tok.shape[1])
+        manifest["quantize"] = {"mode": quantize, "graph": "decode",
+                                "token_agreement": float((ref_tok[:, :n] == q_tok[:, :n]).mean())}
+    write_checksums(out, manifest)
+    return manifest
+
+
+def build_manifest(lm, gm: fx.GraphModule, out: Path, processor: list[str]) -> dict:
+    cfg = lm.config
+    tc = cfg.text_config
+    decs = decoder_nodes(gm)
+    first = gm.get_submodule(decs[0].target).layer.self_attn
+    meta = gm.meta["vlmopt"]
+    n_vis = [d.meta["vlmopt"]["n_visual"] for d in decs]
+    gen = {}
+    if (lm.path / "generation_config.json").is_file():
+        gen = json.loads((lm.path / "generation_config.json").read_text())
+    eos = gen.get("eos_token_id", tc.eos_token_id)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return {
+        "schema": SCHEMA,
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "passes": list(meta.get("passes", [])),
+        "opset": OPSET,
+        "graphs": {"prefill": {"file": "onnx/prefill.onnx", **_graph_io(out / "onnx/prefill.onnx")},
+                   "decode": {"file": "onnx/decode.onnx", **_graph_io(out / "onnx/decode.onnx")}},
+        "kv": {"n_layers": len(decs), "num_key_value_heads": tc.num_key_value_heads,
+               "head_dim": int(first.head_dim), "dtype": "float32",
+               # layer i's cache after prefill holds n_text + n_visual[i] tokens
+               "n_visual_per_layer": n_vis,
+               "length_per_layer": [f"n_text + {v}" for v in n_vis]},
+        "image": {"size": meta["image_size"], "n_visual": meta.get("n_visual_project",
+                                                                   meta["n_visual"]),
+                  "image_token_id": meta["image_token_id"],
+                  "image_seq_length": int(cfg.image_seq_length)},
+        "tokens": {"eos_token_id": eos, "pad_token_id": cfg.pad_token_id
+                   if cfg.pad_token_id is not None else tc.pad_token_id,
+                   "vocab_size": tc.vocab_size},
+        "processor": "processor" if processor else None,
+        "quantize": None,
+    }
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def artifact_eval(root, data: str | None, plan: str | None = None):
+    """(runner, processor, data) for ``vlmopt eval OUT``: the runner is the artifact's prefill
+    on ONNX Runtime (last-position logits), the processor its own copied processor files."""
+    if plan:
+        raise VlmoptError("--plan: an artifact already carries its plan; evaluate the artifact "
+                          "alone (or the model with --plan)")
+    art = runtime.Artifact(root)
+    m = art.manifest
+    if not m.get("processor"):
+        raise VlmoptError(f"{root}: the artifact has no processor files; evaluation needs them")
+    from transformers import AutoProcessor
+
+    from vlmopt.cli import default_data
+
+    processor = AutoProcessor.from_pretrained(Path(root) / m["processor"],
+                                              local_files_only=True, trust_remote_code=False)
+    data = default_data(m["model"]["name"], data)
+
+    def run(batch: dict) -> torch.Tensor:
+        feeds = {k: v.numpy() for k, v in complete_inputs(batch).items()}
+        return torch.from_numpy(art.logits(feeds)).float()
+
+    return run, processor, data

@@ -1,0 +1,295 @@
+"""Run an emitted artifact with ONNX Runtime alone. NOTE: this module and everything it imports
+must never import torch (tests run it with torch unimportable): numpy, onnxruntime, Pillow,
+jinja2 and tokenizers only.
+
+    art = Artifact("OUT")                      # checks manifest.json and every file's sha256
+    pre = Preprocessor(art.root / "processor")  # the checkpoint's own processor files
+    print(art.generate(pre, ["What colour is the circle?\\n<image>"], [image])[0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from vlmopt.errors import VlmoptError
+
+log = logging.getLogger(__name__)
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def is_artifact(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "manifest.json").is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(root: Path, verify: bool = True) -> dict:
+    """The manifest of artifact ``root``; with ``verify`` every listed file's checksum too."""
+    root = Path(root)
+    if not root.exists():
+        raise VlmoptError(f"{root}: no such artifact directory")
+    if not is_artifact(root):
+        raise VlmoptError(f"{root}: not a vlmopt artifact (no manifest.json)")
+    try:
+        m = json.loads((root / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VlmoptError(f"{root / 'manifest.json'}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("schema") != "vlmopt.artifact/1":
+        raise VlmoptError(f"{root / 'manifest.json'}: not a vlmopt.artifact/1 manifest")
+    for g in ("prefill", "decode"):
+        f = root / m.get("graphs", {}).get(g, {}).get("file", f"onnx/{g}.onnx")
+        if not f.is_file():
+            raise VlmoptError(f"{root}: graph file {f.relative_to(root)} is missing")
+    if verify:
+        for rel, info in m.get("files", {}).items():
+            f = root / rel
+            if not f.is_file():
+                raise VlmoptError(f"{root}: file {rel} listed in manifest.json is missing")
+            if _sha256(f) != info["sha256"]:
+                raise VlmoptError(f"{root}: checksum mismatch for {rel} (manifest.json says "
+                                  f"sha256 {info['sha256'][:12]}..., file has "
+                                  f"{_sha256(f)[:12]}...)")
+    return m
+
+
+def session(path: Path, provider: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise VlmoptError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    ep = PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        raise VlmoptError(f"--provider {provider}: {ep} is not available in this onnxruntime "
+                          "(install onnxruntime-gpu for cuda)")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise VlmoptError(f"{path}: onnxruntime cannot load this graph: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+class Artifact:
+    """The two graphs of an artifact and greedy generation over them."""
+
+    def __init__(self, root, *, provider: str = "cpu", verify: bool = True,
+                 threads: int | None = None):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root, verify=verify)
+        g = self.manifest["graphs"]
+        self.prefill = session(self.root / g["prefill"]["file"], provider, threads)
+        self.decode = session(self.root / g["decode"]["file"], provider, threads)
+        self.n_layers = int(self.manifest["kv"]["n_layers"])
+        self._pre_out = [o.name for o in self.prefill.get_outputs()]
+        self._dec_in = [i.name for i in self.decode.get_inputs()]
+
+    def run_prefill(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [i.name for i in self.prefill.get_inputs()]
+        return self.prefill.run(None, {k: feeds[k] for k in names})
+
+    def step(self, tok: np.ndarray, pos: np.ndarray, past: list[np.ndarray]) -> list:
+        feeds = {"input_ids": tok, "position_ids": pos}
+        feeds.update(zip(self._dec_in[2:], past))
+        return self.decode.run(None, feeds)
+
+    def generate_ids(self, feeds: dict[str, np.ndarray], max_new_tokens: int,
+                     eos: int | None = -1) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Greedy: (tokens [B, N], logits [B, V] per step). Finished rows repeat their EOS."""
+        if eos == -1:
+            eos = self.manifest["tokens"].get("eos_token_id")
+        eos = -1 if eos is None else eos
+        out = self.run_prefill(feeds)
+        steps = [out[0]]
+        tok = out[0].argmax(-1)  # [B]
+        toks, done = [tok], tok == eos
+        for _ in range(max_new_tokens - 1):
+            if done.all():
+                break
+            out = self.step(tok[:, None].astype(np.int64), out[1], out[2:])
+            steps.append(out[0])
+            tok = np.where(done, tok, out[0].argmax(-1))
+            done = done | (tok == eos)
+            toks.append(tok)
+        return np.stack(toks, 1), steps
+
+    def logits(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Last-position logits [B, V] of the prompt (the first generated token's)."""
+        return self.run_prefill(feeds)[0]
+
+    def generate(self, pre: Preprocessor, prompts: list[str], images: list,
+                 max_new_tokens: int = 16) -> list[str]:
+        toks, _ = self.generate_ids(pre.encode(prompts, images), max_new_tokens)
+        eos = self.manifest["tokens"].get("eos_token_id")
+        texts = []
+        for row in toks.tolist():
+            if eos in row:
+                row = row[:row.index(eos)]
+            texts.append(pre.decode(row))
+        return texts
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _token_str(v) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class Preprocessor:
+    """The checkpoint's LLaVA processor without transformers: CLIP-style image processing per
+    the processor config, the chat template rendered with jinja2, `tokenizers` from
+    tokenizer.json, and the image token expanded to the model's visual token count."""
+
+    def __init__(self, root):
+        from tokenizers import Tokenizer
+
+        self.root = Path(root)
+        if not (self.root / "tokenizer.json").is_file():
+            raise VlmoptError(f"{self.root}: no tokenizer.json; the artifact has no processor "
+                              "files (vlmopt run needs them)")
+        self.tokenizer = Tokenizer.from_file(str(self.root / "tokenizer.json"))
+        proc = self._json("processor_config.json")
+        img = proc.get("image_processor") or self._json("preprocessor_config.json")
+        if not img:
+            raise VlmoptError(f"{self.root}: no image processor config "
+                              "(processor_config.json or preprocessor_config.json)")
+        self.image_cfg = img
+        tcfg = self._json("tokenizer_config.json")
+        self.special = {k: _token_str(tcfg.get(k)) for k in
+                        ("bos_token", "eos_token", "pad_token", "unk_token")
+                        if tcfg.get(k) is not None}
+        self.image_token = proc.get("image_token") or tcfg.get("image_token") or "<image>"
+        self.patch_size = int(proc.get("patch_size") or 14)
+        self.n_extra = int(proc.get("num_additional_image_tokens", 0))
+        self.strategy = proc.get("vision_feature_select_strategy", "default")
+        self.chat_template = self._chat_template(proc, tcfg)
+        pad = self.special.get("pad_token")
+        self.pad_id = self.tokenizer.token_to_id(pad) if pad else 0
+        if self.pad_id is None:
+            self.pad_id = 0
+
+    def _json(self, name: str) -> dict:
+        f = self.root / name
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def _chat_template(self, proc: dict, tcfg: dict) -> str | None:
+        if (self.root / "chat_template.jinja").is_file():
+            return (self.root / "chat_template.jinja").read_text()
+        ct = self._json("chat_template.json").get("chat_template")
+        return ct or proc.get("chat_template") or tcfg.get("chat_template")
+
+    # -- text
+    def chat_text(self, prompt: str) -> str:
+        if not self.chat_template:
+            return prompt
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        # NOTE: the environment transformers renders chat templates in
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+            sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                        separators=separators, sort_keys=sort_keys)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+            **self.special)
+
+    def n_image_tokens(self, height: int, width: int) -> int:
+        n = (height // self.patch_size) * (width // self.patch_size) + self.n_extra
+        return n - 1 if self.strategy == "default" else n
+
+    # -- image
+    def pixels(self, image) -> np.ndarray:
+        """One image -> [3, H, W] float32, as CLIPImageProcessor (PIL backend) computes it."""
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise VlmoptError(f"--image {image}: not an image ({e})") from None
+        if not isinstance(image, Image.Image):
+            raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
+        c = self.image_cfg
+        if c.get("do_convert_rgb", True):
+            image = image.convert("RGB")
+        arr = np.array(image)  # [H, W, 3] uint8
+        if c.get("do_resize", True):
+            h, w = arr.shape[:2]
+            size = c.get("size", {})
+            if "shortest_edge" in size:
+                s = int(size["shortest_edge"])
+                short, long = (w, h) if w <= h else (h, w)
+                new_long = int(s * long / short)
+                nh, nw = (new_long, s) if w <= h else (s, new_long)
+            else:
+                nh, nw = int(size["height"]), int(size["width"])
+            resample = int(c.get("resample", 3))
+            arr = np.array(Image.fromarray(arr).resize((nw, nh), resample=resample))
+        arr = np.moveaxis(arr, -1, 0)  # [3, H, W]
+        if c.get("do_center_crop", False):
+            ch, cw = int(c["crop_size"]["height"]), int(c["crop_size"]["width"])
+            h, w = arr.shape[1:]
+            if ch > h or cw > w:
+                raise VlmoptError(f"image {w}x{h} smaller than the crop {cw}x{ch}: not supported")
+            top, left = (h - ch) // 2, (w - cw) // 2
+            arr = arr[:, top:top + ch, left:left + cw]
+        x = arr.astype(np.float32)
+        if c.get("do_rescale", True):
+            # NOTE: float64 multiply, then float32 - transformers' rescale, bit for bit
+            x = (arr.astype(np.float64) * float(c.get("rescale_factor", 1 / 255))).astype(
+                np.float32)
+        if c.get("do_normalize", True):
+            mean = np.array(c["image_mean"], dtype=x.dtype)
+            std = np.array(c["image_std"], dtype=x.dtype)
+            x = ((x.T - mean) / std).T
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # -- batch
+    def encode(self, prompts: list[str], images: list) -> dict[str, np.ndarray]:
+        """Same arrays as ``vlmopt.inputs.encode`` with the HF processor (left padding)."""
+        if len(prompts) != len(images):
+            raise VlmoptError("one image per prompt")
+        pix = np.stack([self.pixels(im) for im in images])  # [B, 3, H, W]
+        n_img = self.n_image_tokens(pix.shape[2], pix.shape[3])
+        rows = []
+        for p in prompts:
+            if p.count(self.image_token) != 1:
+                raise VlmoptError(f"prompt must contain {self.image_token} exactly once: {p!r}")
+            text = self.chat_text(p).replace(self.image_token, self.image_token * n_img)
+            rows.append(self.tokenizer.encode(text, add_special_tokens=True).ids)
+        T = max(len(r) for r in rows)
+        ids = np.full((len(rows), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), T), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r):] = r
+            mask[i, T - len(r):] = 1
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                "pixel_values": pix}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
