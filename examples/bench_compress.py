@@ -16,16 +16,13 @@ import json
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
 from vlmopt.passes import lowrank_qk, quantize
 
 import vlmopt
 from vlmopt import inputs
+from vlmopt.calib_stats import quantization_sensitivity
 from vlmopt.data.dataset import load_records
 from vlmopt.errors import VlmoptError
-from vlmopt.ir.capture import complete_inputs
-from vlmopt.pipeline import run_passes
 
 
 def plan(lm, steps) -> dict:
@@ -33,22 +30,6 @@ def plan(lm, steps) -> dict:
 
     return {"schema": "vlmopt.plan/1", "model": {"name": lm.name, "fingerprint": lm.fingerprint},
             "passes": [{"name": n, "config": dataclasses.asdict(c)} for n, c in steps]}
-
-
-@torch.no_grad()
-def int4_sensitivity(lm, gm, records, group_size: int) -> dict[str, float]:
-    """Per decoder layer: KL(graph || graph with that layer alone at int4) on ``records``."""
-    batch = complete_inputs(inputs.encode(lm.processor, [r.prompt for r in records],
-                                          [r.load_image() for r in records]))
-    ref = F.log_softmax(gm(**batch).float(), -1)
-    out = {}
-    for i in range(gm.meta["vlmopt"]["n_layers"]):
-        q, _ = run_passes(gm, [("quantize", quantize.Config(bits={f"layer_{i}": 4},
-                                                            group_size=group_size))],
-                          verify=False)
-        logq = F.log_softmax(q(**batch).float(), -1)
-        out[f"layer_{i}"] = (logq.exp() * (logq - ref)).sum(-1).mean().clamp(min=0).item()
-    return out
 
 
 def main() -> int:
@@ -85,7 +66,9 @@ def main() -> int:
     # mixed (CASP-style): Q/K low rank, then bits from measured sensitivity under a budget
     t0 = time.perf_counter()
     lowrank = vlmopt.apply_plan(lm, plan(lm, [qk]))
-    sens = int4_sensitivity(lm, lowrank, load_records(args.calib, limit=16), g)
+    few = load_records(args.calib, limit=16)
+    batch = inputs.encode(lm.processor, [r.prompt for r in few], [r.load_image() for r in few])
+    sens = quantization_sensitivity(lowrank, batch, bits=4, group_size=g)
     lo = quantize.config_bytes(lowrank, quantize.uniform(4, g))
     hi = quantize.config_bytes(lowrank, quantize.uniform(8, g))
     mixed = quantize.allocate_bits(lowrank, sens, int(lo + args.mixed_frac * (hi - lo)),

@@ -17,6 +17,7 @@ from vlmopt.passes import lowrank_qk as lr
 from vlmopt.passes import quantize as qz
 
 from vlmopt import api, cost
+from vlmopt.calib_stats import quantization_sensitivity
 from vlmopt.frontend.load import LoadedModel
 from vlmopt.ir.capture import capture, decoder_nodes, node_by_block
 from vlmopt.ir.lowrank import LowRankLinear
@@ -191,6 +192,16 @@ def test_allocation_gives_sensitive_layers_and_q_k_more_bits_within_budget(tiny)
         qz.allocate_bits(gm, sens, all4 - 1, group_size=32)
     with pytest.raises(ValueError, match="no sensitivity for layer_2"):
         qz.allocate_bits(gm, {"layer_0": 1, "layer_1": 1}, all8)
+
+
+def test_measured_sensitivity_feeds_the_allocator(tiny):
+    model, batch = tiny
+    gm = capture(model)
+    sens = quantization_sensitivity(gm, batch, bits=2, group_size=32)
+    assert set(sens) == {"layer_0", "layer_1", "layer_2"} and min(sens.values()) > 0, sens
+    budget = qz.config_bytes(gm, qz.uniform(4, 32)) + 1
+    conf = qz.allocate_bits(gm, sens, budget, choices=(2, 4), group_size=32)
+    assert qz.config_bytes(gm, conf) <= budget
 
 
 def test_config_round_trips_through_json():
