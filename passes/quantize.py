@@ -102,8 +102,12 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     if not config.bits:
         return PassResult(gm, False, stats)
     lins = linears(gm)
-    names = set(lins) | {f.rsplit(".", 1)[0] for f in lins} | {f.split(".")[0] for f in lins}
-    check_all_match("quantize", "bits", config.bits, names)
+    names = set(lins) | {f.split(".")[0] for f in lins} | {  # + projections with factors
+        f.rsplit(".", 1)[0] for f in lins if re.search(r"\.\d+$", f)}
+    regex = {k: v for k, v in config.bits.items() if k.startswith("re:")}
+    check_all_match("quantize", "bits", regex, lins)  # NOTE: regexes match full names only
+    check_all_match("quantize", "bits", {k: v for k, v in config.bits.items()
+                                         if k not in regex}, names)
     per_node: dict[fx.Node, dict[str, nn.Module]] = {}
     for full, (node, path, lin) in lins.items():
         b = bits_for(config, full)

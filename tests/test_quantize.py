@@ -231,6 +231,10 @@ def test_selector_matching_nothing_is_an_error(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="'layer_9' matches nothing"):
         run_passes(capture(model), [("quantize", qz.Config(bits={"layer_9": 4}))])
+    with pytest.raises(ValueError, match="'re:layer_1' matches nothing"):  # full names only
+        run_passes(capture(model), [("quantize", qz.Config(bits={"re:layer_1": 4}))])
+    with pytest.raises(ValueError, match="'layer_0.mlp' matches nothing"):  # not a linear
+        run_passes(capture(model), [("quantize", qz.Config(bits={"layer_0.mlp": 4}))])
     with pytest.raises(ValueError, match="matches nothing"):  # no factors without lowrank_qk
         run_passes(capture(model), [("quantize", qz.Config(bits={
             "layer_0.self_attn.q_proj.0": 4}))])

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class LowRankLinear(nn.Sequential):
-    """Two bias-free-first Linear layers d_in -> rank -> d_out replacing one Linear; the original
-    bias (Qwen2's q/k), if any, sits on the second. Exports as two plain MatMuls."""
+    """Linear(d_in -> rank, no bias) then Linear(rank -> d_out) replacing one Linear; the
+    original bias (Qwen2's q/k), if any, sits on the second. Exports as two plain MatMuls."""
 
     def __init__(self, down: nn.Linear, up: nn.Linear, in_features: int, out_features: int):
         super().__init__(down, up)
