@@ -234,8 +234,13 @@ class Preprocessor:
         if not isinstance(image, Image.Image):
             raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
         c = self.image_cfg
-        if c.get("do_convert_rgb", True):
-            image = image.convert("RGB")
+        if c.get("do_convert_rgb", True):  # transparency composited onto white, as HF does
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, rgba).convert("RGB")
+            else:
+                image = image.convert("RGB")
         arr = np.array(image)  # [H, W, 3] uint8
         if c.get("do_resize", True):
             h, w = arr.shape[:2]

@@ -1,0 +1,179 @@
+"""Emit: export forms, ONNX graphs, parity with PyTorch, manifest, quantized decode graphs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from artifacts import OPTIMIZED, build, plan_json
+from helpers import tiny_model_and_batch
+
+from vlmopt import inputs
+from vlmopt.api import apply_plan
+from vlmopt.data.dataset import load_records
+from vlmopt.emit import check_parity, sha256, torch_generate
+from vlmopt.errors import VlmoptError
+from vlmopt.export_graph import DecodeForm, PrefillForm
+from vlmopt.ir.capture import capture, complete_inputs
+from vlmopt.pipeline import make_config, run_passes
+from vlmopt.runtime import Artifact
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory, tiny_llava, loaded_tiny, synth_data):
+    return build(tmp_path_factory, tiny_llava, loaded_tiny, synth_data)
+
+
+@pytest.fixture(scope="module")
+def other_batch(loaded_tiny, synth_data):
+    """Samples the parity check at emit did not see (left-padded, different lengths)."""
+    recs = load_records(str(synth_data))[4:8]
+    b = inputs.encode(loaded_tiny.processor, [r.prompt for r in recs],
+                      [r.load_image() for r in recs])
+    return complete_inputs(b)
+
+
+@pytest.mark.parametrize("passes", [[], OPTIMIZED], ids=["identity", "optimized"])
+def test_export_form_reproduces_the_block_graph_logits(passes):
+    model, batch = tiny_model_and_batch(n_layers=2)
+    gm = capture(model)
+    steps = [(p["name"], make_config(p["name"], p["config"])) for p in passes]
+    gm, _ = run_passes(gm, steps)
+    inp = complete_inputs(batch)
+    with torch.no_grad():
+        ref = gm(**inp)
+        out = PrefillForm(gm)(**inp)
+    diff = (out[0] - ref).abs().max().item()
+    assert diff <= 1e-5, f"export form vs graph logits: max abs diff {diff}"
+    T = inp["input_ids"].shape[1]
+    lengths = [k.shape[2] for k in out[2::3]]
+    expect = [T] * 2 if not passes else [T - 196 + 100, T - 196 + 40]
+    assert lengths == expect  # each layer's cache has that layer's own length
+    assert torch.equal(out[1], inp["position_ids"][:, -1:] + 1)
+
+
+def test_decode_step_equals_full_recompute_of_the_original_model():
+    model, batch = tiny_model_and_batch(n_layers=2, kv_heads=2)  # GQA
+    gm = capture(model)
+    inp = complete_inputs(batch)
+    with torch.no_grad():
+        out = PrefillForm(gm)(**inp)
+        tok = out[0].argmax(-1, keepdim=True)
+        step = DecodeForm(gm)(tok, out[1], list(out[2:]))
+        ids = torch.cat([inp["input_ids"], tok], 1)
+        am = torch.cat([inp["attention_mask"], torch.ones_like(tok)], 1)
+        full = model(input_ids=ids, attention_mask=am, pixel_values=inp["pixel_values"],
+                     position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    diff = (step[0] - full).abs().max().item()
+    assert diff <= 1e-5, f"decode step vs HF recompute: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("name", ["identity", "optimized"])
+def test_onnx_runtime_matches_pytorch_on_unseen_samples(arts, name, other_batch):
+    a = arts[name]
+    assert a.manifest["parity"]["max_abs_logit_diff"] <= 1e-4
+    art = Artifact(a.dir)
+    feeds = {k: v.numpy() for k, v in other_batch.items()}
+    o_tok, o_steps = art.generate_ids(feeds, 4)
+    t_tok, t_steps = torch_generate(a.gm, other_batch, 4, art.manifest["tokens"]["eos_token_id"])
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(o_steps, t_steps))
+    assert diff <= 1e-4, f"ORT vs PyTorch logits: max abs diff {diff}"
+    assert np.array_equal(o_tok, t_tok), (o_tok, t_tok)
+
+
+def test_manifest_names_graphs_kv_lengths_and_checksums(arts):
+    a = arts["optimized"]
+    m = json.loads((a.dir / "manifest.json").read_text())
+    assert m["opset"] >= 18 and m["kv"]["n_visual_per_layer"] == [100, 40]
+    assert m["kv"]["length_per_layer"] == ["n_text + 100", "n_text + 40"]
+    pre = [i["name"] for i in m["graphs"]["prefill"]["inputs"]]
+    assert pre == ["input_ids", "pixel_values", "attention_mask", "position_ids"]
+    dec = [i["name"] for i in m["graphs"]["decode"]["inputs"]]
+    assert dec[:2] == ["input_ids", "position_ids"] and "past.1.key" in dec
+    assert {"onnx/prefill.onnx", "onnx/decode.onnx", "processor/tokenizer.json"} <= set(m["files"])
+    for rel, info in m["files"].items():
+        assert sha256(a.dir / rel) == info["sha256"], rel
+    g = onnx.load(str(a.dir / "onnx/prefill.onnx"))
+    ops = {n.op_type for n in g.graph.node}
+    assert "TopK" in ops and ("GatherElements" in ops or "Gather" in ops)  # drops in the graph
+    assert any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in g.opset_import)
+
+
+def test_emit_fails_loudly_naming_the_sample_and_the_diff(arts, other_batch):
+    art = Artifact(arts["identity"].dir)
+    with pytest.raises(VlmoptError, match=r"sample 0 .*diff"):
+        check_parity(art, arts["optimized"].gm, other_batch, ["a.png", "b.png", "c.png", "d.png"])
+
+
+@pytest.mark.parametrize("mode,op,min_agree", [("int8", "DynamicQuantizeMatMul", 0.75),
+                                               ("int4", "MatMulNBits", 0.5)])
+def test_quantized_decode_graph_runs_and_mostly_agrees(arts, tmp_path, other_batch, mode, op,
+                                                       min_agree):
+    from vlmopt.bench import quantized_copy
+
+    src = arts["optimized"].dir
+    q = quantized_copy(src, tmp_path / mode, mode)
+    ops = {n.op_type for n in onnx.load(str(q / "onnx/decode.onnx")).graph.node}
+    assert op in ops or "MatMulInteger" in ops, ops
+    base, quant = Artifact(src), Artifact(q)
+    feeds = {k: v.numpy() for k, v in other_batch.items()}
+    out = base.run_prefill(feeds)
+    agree, rel = [], []
+    for _ in range(4):  # teacher-forced on the fp32 tokens: per-step top-1 agreement
+        tok = out[0].argmax(-1)[:, None]
+        a = base.step(tok, out[1], out[2:])
+        b = quant.step(tok, out[1], out[2:])
+        agree += (a[0].argmax(-1) == b[0].argmax(-1)).tolist()
+        rel.append(float(np.linalg.norm(a[0] - b[0]) / np.linalg.norm(a[0])))
+        out = a
+    print(f"{mode}: top-1 agreement {np.mean(agree):.3f}, relative logit error {max(rel):.3f}")
+    assert np.mean(agree) >= min_agree and max(rel) < 0.5
+
+
+def test_eval_of_an_artifact_is_the_onnx_package_accuracy(arts, synth_data, loaded_tiny,
+                                                          capsys):
+    from vlmopt.cli import main
+    from vlmopt.evaluation import evaluate
+
+    a = arts["optimized"]
+    assert main(["eval", str(a.dir), "--data", str(synth_data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    ref = evaluate(lambda b: a.gm(**complete_inputs(b)).float(),
+                   load_records(str(synth_data)), loaded_tiny.processor)
+    assert res["n"] == ref.n and res["per_type"] == ref.per_type
+    assert res["model"] == str(a.dir)
+
+
+def test_apply_writes_plan_graphs_manifest_and_processor(arts):
+    d = arts["identity"].dir
+    names = sorted(p.name for p in d.iterdir())
+    assert names == ["graph.txt", "manifest.json", "onnx", "passes.json", "plan.json",
+                     "processor"]
+    assert (d / "processor" / "tokenizer.json").is_file()
+    assert arts["identity"].manifest["parity"]["samples"] == 4
+
+
+def test_apply_refuses_a_bad_quantize_mode_and_writes_nothing(tiny_llava, loaded_tiny,
+                                                              tmp_path, capsys):
+    from vlmopt.cli import main
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(plan_json(loaded_tiny, [])))
+    with pytest.raises(SystemExit):
+        main(["apply", str(plan), str(tiny_llava), "--out", str(tmp_path / "o"),
+              "--quantize", "int3"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_emit_refuses_an_unexportable_decoder(loaded_tiny, tmp_path):
+    from vlmopt.emit import emit
+
+    gm = apply_plan(loaded_tiny, plan_json(loaded_tiny, []))
+    gm.get_submodule("layer_0").layer = torch.nn.Identity()
+    with pytest.raises(VlmoptError, match="layer_0"):
+        emit(loaded_tiny, gm, tmp_path, [])
+    shutil.rmtree(tmp_path, ignore_errors=True)
