@@ -1,0 +1,49 @@
+"""Published methods at the same FLOPs as the searched plan: each method's one free knob (how
+many tokens it keeps) is set to the largest value that fits the target, so every row of the
+report's comparison spends (at most) the same budget."""
+
+from __future__ import annotations
+
+import math
+
+from vlmopt.search.space import Candidate, Space, snap
+
+
+def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candidate | None]]:
+    """(name, candidate) per baseline; candidate None when the method cannot reach the target
+    (e.g. FastV keeps every token in its first K layers)."""
+    N, L = space.n_visual, space.n_layers
+    K = min(2, L - 1)
+    out: list[tuple[str, Candidate | None]] = []
+
+    def fastv(c):
+        return Candidate(tuple([N] * K + [int(c)] * (L - K)))
+
+    c = space.fit(fastv, 0, N, target, scope, integer=True)
+    out.append((f"FastV K={K}", None if c is None else fastv(c)))
+
+    # PyramidDrop: stages at 1/4, 1/2, 3/4 depth (8/16/24 of 32), N * lambda^stage
+    stages = sorted({min(L - 1, max(1, round(L * f))) for f in (0.25, 0.5, 0.75)})
+
+    def pdrop(lam):
+        counts, s = [], 0
+        for layer in range(L):
+            s += layer in stages
+            counts.append(int(N * lam ** s))
+        return Candidate(snap(counts, N, "none"), score_at="next")
+
+    lam = space.fit(pdrop, 0.0, 1.0, target, scope)
+    out.append(("PyramidDrop", None if lam is None else pdrop(lam)))
+
+    for name, method in (("VisionZip", "visionzip"), ("DivPrune", "divprune"),
+                         ("random", "random"), ("downsampling", "pool")):
+        def select(c, method=method):
+            return Candidate(snap([int(c)] * L, N, method), method)
+
+        if method == "pool":
+            g = space.fit(lambda x: select(x * x), 1, math.isqrt(N), target, scope, integer=True)
+            out.append((name, None if g is None else select(g * g)))
+        else:
+            c = space.fit(select, 1, N, target, scope, integer=True)
+            out.append((name, None if c is None else select(c)))
+    return out

@@ -1,0 +1,135 @@
+"""`vlmopt optimize` end to end on the tiny checkpoint: outputs, the FLOPs constraint, resume
+after a kill, the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmopt.cli import main
+
+
+def _args(model, data, out, *extra):
+    return ["optimize", str(model), "--target-flops", "0.4", "--calib", str(data),
+            "--eval", str(data), "--out", str(out), "--trials", "4", "--no-emit", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_llava, synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("opt") / "out"
+    assert main(_args(tiny_llava, synth_data, out)) == 0
+    return out
+
+
+def test_optimize_writes_plan_and_report_within_the_flops_target(finished):
+    names = {p.name for p in finished.iterdir()}
+    assert {"plan.json", "report.html", "report.md", "report.json"} <= names
+    assert ".vlmopt-run.json" not in names  # the resume state is gone once finished
+    r = json.loads((finished / "report.json").read_text())
+    assert r["chosen"]["ratio_llm"] <= 0.4
+    plan = json.loads((finished / "plan.json").read_text())
+    assert plan["target"] == {"flops": 0.4, "scope": "llm"}
+    assert plan["provenance"]["search"] == "joint"
+    for t in r["trials"]:  # nothing over the target was ever evaluated
+        assert t["metrics"] is None or t["ratio_llm"] <= 0.4 + 1e-12
+    methods = [m["method"] for m in r["methods"]]
+    for name in ("original", "vlmopt (joint)", "VisionZip", "DivPrune", "random",
+                 "downsampling", "FastV K=1", "PyramidDrop"):
+        assert any(m.startswith(name.split(" K=")[0]) for m in methods), name
+    for m in r["methods"]:
+        if not m.get("unreachable"):
+            assert m["ratio_llm"] <= 0.4 + 1e-9 or m["method"] == "original"
+            assert "eval" in m  # held-out accuracy for every row
+
+
+def test_the_plan_reapplies_to_the_same_flops(finished, tiny_llava):
+    import vlmopt
+    from vlmopt.search.space import Space
+
+    r = json.loads((finished / "report.json").read_text())
+    lm = vlmopt.load(tiny_llava)
+    gm = vlmopt.apply_plan(lm, finished / "plan.json")
+    sp = Space(lm, r["n_text"])
+    full = vlmopt.flops(lm, gm, n_text=r["n_text"])
+    assert full["ratio"] == pytest.approx(r["chosen"]["ratio_total"])
+    assert sp.flops([tuple(s) for s in r["chosen"]["steps"]])["ratio_llm"] == \
+        pytest.approx(r["chosen"]["ratio_llm"])
+
+
+def test_report_html_is_self_contained_with_plots_and_tables(finished):
+    html = (finished / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 3
+    assert "Methods at the same FLOPs" in html and "Layer Contribution" in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched when opened
+    md = (finished / "report.md").read_text()
+    assert "| vlmopt (joint) |" in md
+
+
+def test_a_killed_run_resumes_where_it_stopped(tiny_llava, synth_data, tmp_path, monkeypatch):
+    from vlmopt.search import study as study_mod
+
+    out = tmp_path / "out"
+    real = study_mod.Context.measure
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(study_mod.Context, "measure", dying)
+    assert main(_args(tiny_llava, synth_data, out)) == 130
+    assert {p.name for p in out.iterdir()} == {".vlmopt-run.json", "study.db"}  # no results
+    import optuna
+
+    before = [t for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")
+              for t in optuna.load_study(study_name=s.study_name,
+                                         storage=f"sqlite:///{out / 'study.db'}").trials
+              if t.user_attrs.get("metrics")]
+    assert len(before) == 2
+    monkeypatch.setattr(study_mod.Context, "measure", real)
+    assert main(_args(tiny_llava, synth_data, out)) == 0
+    r = json.loads((out / "report.json").read_text())
+    plans = {json.dumps(t["steps"]) for t in r["trials"] if t["metrics"]}
+    # the plans measured before the kill came back from the study: not evaluated again
+    assert {json.dumps(json.loads(t.user_attrs["steps"])) for t in before} <= plans
+    assert r["search_evaluations"] == len(plans) - len(before)
+    assert len({t["number"] for t in r["trials"]}) == len(r["trials"])
+    n = r["trial_counts"]
+    assert n["evaluated"] + n["rejected_over_target"] >= 4 and n["interrupted"] == 1
+    # a finished OUT is never overwritten; other settings never resume a foreign run
+    assert main(_args(tiny_llava, synth_data, out)) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-flops", "0"], "--target-flops must lie in (0, 1]"),
+    (["--target-flops", "1.5"], "--target-flops must lie in (0, 1]"),
+    (["--target-flops", "0.0001"], "below what any plan can reach"),
+    (["--storage", "sqlite:////nonexistent-dir/x/study.db"], "--storage"),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage"),
+])
+def test_bad_input_is_one_error_line_and_writes_nothing(tiny_llava, synth_data, tmp_path,
+                                                        capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(_args(tiny_llava, synth_data, out) + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vlmopt: error:") and message in err[-1], err
+    assert not out.exists()
+
+
+def test_unlabelled_or_empty_calibration_is_rejected(tiny_llava, synth_data, tmp_path, capsys):
+    lines = synth_data.read_text().splitlines()
+    unlabelled = synth_data.parent / "unlabelled.jsonl"
+    unlabelled.write_text("\n".join(json.dumps({k: v for k, v in json.loads(s).items()
+                                                if k != "answer"}) for s in lines) + "\n")
+    empty = synth_data.parent / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert main(_args(tiny_llava, unlabelled, out, "--objective", "accuracy")) == 2
+    assert "accuracy objective needs an 'answer'" in capsys.readouterr().err
+    assert main(["optimize", str(tiny_llava), "--target-flops", "0.4", "--calib", str(empty),
+                 "--out", str(out), "--no-emit"]) == 2
+    assert "dataset is empty" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,277 @@
+"""``vlmopt optimize``: search the plan with the best calibration fidelity under a FLOPs target,
+then measure it against the published methods at the same FLOPs and write the package.
+
+    load -> calibration batches -> Layer Contribution -> search -> chosen plan (verified)
+         -> baselines at the same FLOPs -> held-out evaluation -> latency -> emit -> report
+
+OUT holds, while a run is in progress, only its resume state (``.vlmopt-run.json`` and the
+SQLite study); the results appear all at once when the run finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlmopt.errors import VlmoptError
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("joint", "gsearch", "psigmoid")
+RUN_FILE = ".vlmopt-run.json"
+STUDY_FILE = "study.db"
+
+
+@dataclass
+class Options:
+    model: str
+    target: float
+    out: Path
+    calib: str | None = None
+    eval: str | None = None
+    strategy: str = "joint"
+    trials: int = 40
+    seed: int = 0
+    storage: str | None = None
+    study: str | None = None
+    scope: str = "llm"
+    objective: str = "auto"  # auto | accuracy | agreement
+    calib_limit: int | None = None
+    eval_limit: int | None = None
+    tolerance: float = 0.01  # G-Search: fidelity drop allowed per layer decision
+    batch_size: int = 32
+    emit: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def signature(self, fingerprint: str) -> dict:
+        """What must match for a re-run to resume this run's study."""
+        return {"model": fingerprint, "target": self.target, "scope": self.scope,
+                "calib": self.calib, "calib_limit": self.calib_limit,
+                "strategy": self.strategy, "seed": self.seed, "objective": self.objective,
+                "tolerance": self.tolerance}
+
+
+def _default_data(model: str, data: str | None, split: str) -> str | None:
+    if data:
+        return data
+    return f"builtin:synthvqa-{split}" if model == "builtin:synth-llava" else None
+
+
+def prepare_out(opts: Options, fingerprint: str) -> tuple[str, bool]:
+    """Check OUT and return (storage URL, resuming). Creates nothing."""
+    out = opts.out
+    sig = opts.signature(fingerprint)
+    run_file = out / RUN_FILE
+    resuming = False
+    if out.exists():
+        if not out.is_dir():
+            raise VlmoptError(f"--out {out}: exists and is not a directory")
+        if (out / "plan.json").exists():
+            raise VlmoptError(f"--out {out}: holds a finished optimization (nothing overwritten)")
+        if run_file.exists():
+            old = json.loads(run_file.read_text())
+            diff = [k for k in sig if old.get(k) != sig[k]]
+            if diff:
+                raise VlmoptError(f"--out {out}: holds an unfinished run with other settings "
+                                  f"({', '.join(diff)}); use another --out")
+            resuming = True
+        elif any(out.iterdir()):
+            raise VlmoptError(f"--out {out}: exists and is not empty (nothing overwritten)")
+    storage = opts.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    return storage, resuming
+
+
+def study_name(opts: Options, fingerprint: str) -> str:
+    if opts.study:
+        return opts.study
+    blob = json.dumps(opts.signature(fingerprint), sort_keys=True)
+    return "vlmopt-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def latency(graphs: dict, batch: dict, repeats: int = 5) -> dict[str, float]:
+    """Median prefill seconds per graph on one batch, interleaved round-robin."""
+    from vlmopt.ir.capture import complete_inputs
+
+    b = complete_inputs(batch)
+    times: dict[str, list[float]] = {k: [] for k in graphs}
+    with torch.no_grad():
+        for g in graphs.values():
+            g(**b)
+        for _ in range(repeats):
+            for k, g in graphs.items():
+                t0 = time.perf_counter()
+                g(**b)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def optimize(opts: Options, progress: Callable | None = None,
+             stage: Callable[[str], None] | None = None) -> dict:
+    """Run the whole job; returns the report's data. ``stage(msg)`` announces each step."""
+    from vlmopt.analysis import layer_contribution, rank_layers
+    from vlmopt.data.dataset import load_records
+    from vlmopt.frontend.load import load, resolve_model
+    from vlmopt.plan import Plan
+    from vlmopt.search import baselines, strategies
+    from vlmopt.search.evaluator import Evaluator
+    from vlmopt.search.space import Space
+    from vlmopt.search.study import Context, open_study
+
+    say = stage or (lambda msg: log.info(msg))
+    t_start = time.perf_counter()
+    if not 0 < opts.target <= 1:
+        raise VlmoptError(f"--target-flops must lie in (0, 1], got {opts.target}")
+    if opts.strategy not in STRATEGIES:
+        raise VlmoptError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    resolve_model(opts.model)
+    opts.calib = _default_data(opts.model, opts.calib, "calib")
+    opts.eval = _default_data(opts.model, opts.eval, "test")
+    if opts.calib is None:
+        raise VlmoptError(f"--calib is required for model {opts.model}")
+    calib = load_records(opts.calib, limit=opts.calib_limit)
+    if not calib:
+        raise VlmoptError(f"--calib {opts.calib}: no records")
+    labelled = all(r.answer is not None for r in calib)
+    if opts.objective == "accuracy" and not labelled:
+        raise VlmoptError(f"--calib {opts.calib}: the accuracy objective needs an 'answer' on "
+                          "every record (use --objective agreement)")
+    held = load_records(opts.eval, limit=opts.eval_limit) if opts.eval else []
+
+    say(f"loading {opts.model}")
+    lm = load(opts.model)
+    if lm.processor is None:
+        raise VlmoptError(f"{opts.model}: no processor files; optimize needs them")
+    storage, resuming = prepare_out(opts, lm.fingerprint)
+    say(f"encoding {len(calib)} calibration samples")
+    evaluator = Evaluator(lm, calib, batch_size=opts.batch_size)
+    if opts.objective == "agreement":
+        evaluator.labelled = False
+    space = Space(lm, evaluator.n_text, evaluator)
+    space.check_target(opts.target, opts.scope)
+
+    created = not opts.out.exists()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    try:
+        study = open_study(storage, study_name(opts, lm.fingerprint), opts.seed)
+    except VlmoptError:
+        if created:
+            shutil.rmtree(opts.out, ignore_errors=True)
+        raise
+    (opts.out / RUN_FILE).write_text(json.dumps(opts.signature(lm.fingerprint), indent=2))
+    if resuming:
+        say(f"resuming the study in {storage}")
+
+    say("Layer Contribution per layer")
+    lc = layer_contribution(lm, calib[:64], batch_size=opts.batch_size)
+    order = rank_layers(lc)
+
+    say(f"searching ({opts.strategy})")
+    ctx = Context(study, evaluator, space, opts.target, opts.scope, progress)
+    if opts.strategy == "gsearch":
+        strategies.gsearch(ctx, tolerance=opts.tolerance)
+    elif opts.strategy == "psigmoid":
+        strategies.psigmoid(ctx, opts.trials)
+    else:
+        strategies.joint(ctx, opts.trials, freeze_order=order)
+    best = ctx.best
+    if best is None:
+        raise VlmoptError(f"no plan within --target-flops {opts.target} was found")
+    t_search = time.perf_counter() - t_start
+    n_search = evaluator.n_evaluated
+
+    say("verifying the chosen plan")
+    from vlmopt.pipeline import make_config
+
+    chosen = evaluator.build(best.steps, verify=True)
+    plan = Plan(lm.name, lm.fingerprint, [(n, make_config(n, f)) for n, f in best.steps],
+                target={"flops": opts.target, "scope": opts.scope},
+                provenance={"search": opts.strategy, "seed": opts.seed,
+                            "objective": "accuracy" if evaluator.labelled else "agreement",
+                            "calib": opts.calib, "trials": len(ctx.records),
+                            "study": study.study_name})
+
+    say("baselines at the same FLOPs")
+    rows = [{"method": "original", "steps": [], "ratio_llm": 1.0, "ratio_total": 1.0,
+             "calib": evaluator.evaluate([]).to_json()},
+            {"method": f"vlmopt ({opts.strategy})", "steps": best.steps,
+             "ratio_llm": best.ratio_llm, "ratio_total": best.ratio_total,
+             "calib": best.metrics.to_json()}]
+    for name, cand in baselines.at_target(space, opts.target, opts.scope):
+        if cand is None:
+            rows.append({"method": name, "steps": None, "unreachable": True})
+            continue
+        steps = cand.steps(space.n_visual)
+        f = space.flops(steps)
+        rows.append({"method": name, "steps": steps, "ratio_llm": f["ratio_llm"],
+                     "ratio_total": f["ratio_total"],
+                     "calib": evaluator.evaluate(steps).to_json()})
+    if held:
+        say(f"held-out evaluation on {len(held)} samples of {opts.eval}")
+        held_ev = Evaluator(lm, held, batch_size=opts.batch_size)
+        for r in rows:
+            if r.get("steps") is not None:
+                r["eval"] = held_ev.evaluate(r["steps"]).to_json()
+        del held_ev
+
+    say("measuring prefill latency")
+    lat = latency({"original": evaluator.base, "chosen": chosen}, evaluator.batches[0])
+    result = {
+        "model": lm.name, "fingerprint": lm.fingerprint, "target": opts.target,
+        "scope": opts.scope, "strategy": opts.strategy, "seed": opts.seed,
+        "calib": opts.calib, "n_calib": len(calib), "eval": opts.eval, "n_eval": len(held),
+        "n_text": evaluator.n_text, "n_visual": space.n_visual, "n_layers": space.n_layers,
+        "plan": plan.to_json(), "chosen": best.to_json(),
+        "flops": {k: v for k, v in space.flops(best.steps).items()},
+        "original_flops": space.base,
+        "layer_contribution": lc, "freeze_order": order,
+        "trials": [r.to_json() for r in ctx.records], "trial_counts": ctx.counts(),
+        "methods": rows,
+        "latency_s": lat, "latency_ratio": lat["chosen"] / lat["original"],
+        "search_seconds": t_search, "search_evaluations": n_search,
+        "evaluations": evaluator.n_evaluated,
+    }
+    _publish(opts, lm, chosen, plan, result, calib, say)
+    result["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def _publish(opts: Options, lm, chosen, plan, result: dict, calib, say) -> None:
+    """Write every output into a temp dir inside OUT, then move them in; the run file goes."""
+    from vlmopt import report
+
+    tmp = Path(tempfile.mkdtemp(prefix=".publish.", dir=opts.out))
+    try:
+        plan.save(tmp / "plan.json")
+        if opts.emit:
+            try:
+                from vlmopt.emit import emit
+            except ImportError:
+                emit = None
+                result["artifact"] = "ONNX export not available in this build"
+            if emit is not None:
+                say("exporting ONNX and checking parity")
+                (tmp / "artifact").mkdir()
+                manifest = emit(lm, chosen, tmp / "artifact", calib)
+                for p in (tmp / "artifact").iterdir():
+                    p.rename(tmp / p.name)
+                (tmp / "artifact").rmdir()
+                result["artifact"] = {"graphs": list(manifest.get("graphs", {}))}
+        say("writing the report")
+        report.write(result, tmp)
+        # NOTE: plan.json marks a finished run, so it moves in last
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "plan.json"):
+            p.rename(opts.out / p.name)
+        tmp.rmdir()
+        (opts.out / RUN_FILE).unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

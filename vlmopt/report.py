@@ -1,0 +1,137 @@
+"""The calibration report of ``vlmopt optimize``: report.json (everything), report.md, and a
+self-contained report.html (plots embedded as PNG data URIs) rendered with jinja2."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import jinja2
+
+_TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (flops, fidelity) points no other point beats on both (lower FLOPs, higher
+    fidelity), sorted by FLOPs."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plots(r: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = f"ratio_{r['scope']}"
+    out = {}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    pts = []
+    for src in sorted({t["source"] for t in r["trials"]}):
+        ts = [t for t in r["trials"] if t["source"] == src and t["metrics"]]
+        xs = [t[key] for t in ts]
+        ys = [t["metrics"]["fidelity"] for t in ts]
+        pts += list(zip(xs, ys))
+        ax.scatter(xs, ys, s=18, alpha=.6, label=f"trials ({src})")
+    front = pareto(pts)
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k-", lw=1, label="Pareto front")
+    for m in r["methods"]:
+        if m.get("unreachable") or m["method"] == "original":
+            continue
+        ax.scatter([m[key]], [m["calib"]["fidelity"]], marker="*", s=120)
+        ax.annotate(m["method"], (m[key], m["calib"]["fidelity"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axvline(r["target"], color="r", ls="--", lw=1, label="target")
+    ax.set_xlabel(f"{r['scope']} prefill FLOPs ratio")
+    ax.set_ylabel("calibration fidelity")
+    ax.legend(fontsize=7, loc="lower right")
+    out["pareto"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    counts = r["chosen"]["counts"]
+    frozen = set(_frozen(r))
+    colors = ["#d98c2b" if f"layer_{i}" in frozen else "#3572b0" for i in range(len(counts))]
+    ax.bar(range(len(counts)), counts, color=colors)
+    ax.axhline(r["n_visual"], color="gray", ls=":", lw=1)
+    ax.set_xlabel("decoder layer (orange: visual tokens frozen, ShortV)")
+    ax.set_ylabel("visual tokens")
+    out["schedule"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(range(len(r["layer_contribution"])), r["layer_contribution"], color="#6a9f58")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("Layer Contribution (KL)")
+    out["lc"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _frozen(r: dict) -> list[str]:
+    for name, fields in r["chosen"]["steps"]:
+        if name == "freeze_visual":
+            return list(fields["layers"])
+    return []
+
+
+def layer_rows(r: dict) -> list[dict]:
+    f0, f1 = r["original_flops"]["per_node"], r["flops"]["per_node"]
+    frozen = set(_frozen(r))
+    return [{"name": f"layer_{i}", "visual": c, "frozen": f"layer_{i}" in frozen,
+             "lc": r["layer_contribution"][i], "f0": f0[f"layer_{i}"] / 1e9,
+             "f1": f1[f"layer_{i}"] / 1e9} for i, c in enumerate(r["chosen"]["counts"])]
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# vlmopt report: {r['model']}", "",
+             f"Target {r['target']} x the original's {r['scope']} prefill FLOPs; strategy "
+             f"{r['strategy']}; calibration {r['calib']} ({r['n_calib']}); held-out "
+             f"{r['eval']} ({r['n_eval']}).", "",
+             f"Chosen plan: LLM FLOPs ratio {r['chosen']['ratio_llm']:.3f}, total "
+             f"{r['chosen']['ratio_total']:.3f}, measured prefill latency ratio "
+             f"{r['latency_ratio']:.3f}.", "",
+             "| method | LLM FLOPs | total FLOPs | calib fidelity | held-out accuracy |",
+             "| --- | --- | --- | --- | --- |"]
+    for m in r["methods"]:
+        if m.get("unreachable"):
+            lines.append(f"| {m['method']} | cannot reach the target | | | |")
+            continue
+        acc = _fmt(m.get("eval", {}).get("accuracy")) if m.get("eval") else "-"
+        lines.append(f"| {m['method']} | {m['ratio_llm']:.3f} | {m['ratio_total']:.3f} | "
+                     f"{m['calib']['fidelity']:.3f} | {acc} |")
+    lines += ["", "| layer | visual tokens | frozen | LC |", "| --- | --- | --- | --- |"]
+    for row in layer_rows(r):
+        lines.append(f"| {row['name']} | {row['visual']} | {'yes' if row['frozen'] else ''} | "
+                     f"{row['lc']:.5f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(r: dict, out: Path) -> None:
+    out = Path(out)
+    (out / "report.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    (out / "report.md").write_text(markdown(r))
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    methods = {m["method"]: m for m in r["methods"]}
+    ours = next(m for m in r["methods"] if m["method"].startswith("vlmopt"))
+    html = env.from_string(_TEMPLATE.read_text()).render(
+        r=r, plots=plots(r), layers=layer_rows(r), ours=ours, orig=methods["original"],
+        fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2))
+    (out / "report.html").write_text(html)
