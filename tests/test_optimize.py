@@ -44,8 +44,9 @@ def test_optimize_writes_plan_and_report_within_the_flops_target(finished):
 
 
 def test_the_plan_reapplies_to_the_same_flops(finished, tiny_llava):
-    import vlmopt
     from vlmopt.search.space import Space
+
+    import vlmopt
 
     r = json.loads((finished / "report.json").read_text())
     lm = vlmopt.load(tiny_llava)

@@ -8,7 +8,6 @@ import math
 import optuna
 import pytest
 import torch
-
 from vlmopt.search import baselines, strategies
 from vlmopt.search.evaluator import Evaluator, Metrics
 from vlmopt.search.space import Candidate, Space, counts_of, sigmoid_counts, snap
