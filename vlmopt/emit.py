@@ -135,8 +135,8 @@ def export_graphs(gm: fx.GraphModule, batch: dict, onnx_dir: Path) -> None:
     tok = out[0].argmax(-1, keepdim=True)  # [B, 1]
     past = list(out[2:])
     pds = []
-    for _ in range(n_layers):
-        P = torch.export.Dim.DYNAMIC
+    for i in range(n_layers):  # layer i's cache length: its own symbol, shared by k, v, mask
+        P = torch.export.Dim(f"past_{i}", min=1, max=1 << 20)
         pds += [{0: B, 2: P}, {0: B, 2: P}, {0: B, 1: P}]
     df = DecodeForm(gm).eval()
     with torch.no_grad():
@@ -242,8 +242,13 @@ def emit(lm, gm: fx.GraphModule, out_dir: Path, calib_records: list, *,
     batch, names = calib_batch(lm, gm, calib_records, parity_samples)
     log.info("exporting prefill and decode graphs (%d layers)", len(decoder_nodes(gm)))
     export_graphs(gm, batch, onnx_dir)
+    from vlmopt.emit_quant import lower_quant_linears
+
+    # the quantize pass's QuantLinears become MatMulNBits before parity is checked
+    lowered = {g: lower_quant_linears(gm, onnx_dir / f"{g}.onnx") for g in ("prefill", "decode")}
     processor = copy_processor(lm.path, out / "processor") if lm.processor is not None else []
     manifest = build_manifest(lm, gm, out, processor)
+    manifest["matmul_nbits_from_quantize_pass"] = lowered
     write_checksums(out, manifest)
     art = runtime.Artifact(out, verify=False)
     manifest["parity"] = check_parity(art, gm, batch, names)
@@ -293,9 +298,10 @@ def build_manifest(lm, gm: fx.GraphModule, out: Path, processor: list[str]) -> d
                                                                    meta["n_visual"]),
                   "image_token_id": meta["image_token_id"],
                   "image_seq_length": int(cfg.image_seq_length)},
-        "tokens": {"eos_token_id": eos, "pad_token_id": cfg.pad_token_id
-                   if cfg.pad_token_id is not None else tc.pad_token_id,
-                   "vocab_size": tc.vocab_size},
+        "tokens": {"eos_token_id": eos, "vocab_size": tc.vocab_size,
+                   "pad_token_id": next((p for p in (getattr(cfg, "pad_token_id", None),
+                                                     getattr(tc, "pad_token_id", None))
+                                         if p is not None), None)},
         "processor": "processor" if processor else None,
         "quantize": None,
     }

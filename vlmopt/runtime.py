@@ -92,12 +92,27 @@ class Artifact:
                  threads: int | None = None):
         self.root = Path(root)
         self.manifest = read_manifest(self.root, verify=verify)
-        g = self.manifest["graphs"]
-        self.prefill = session(self.root / g["prefill"]["file"], provider, threads)
-        self.decode = session(self.root / g["decode"]["file"], provider, threads)
+        self.provider, self.threads = provider, threads
         self.n_layers = int(self.manifest["kv"]["n_layers"])
-        self._pre_out = [o.name for o in self.prefill.get_outputs()]
-        self._dec_in = [i.name for i in self.decode.get_inputs()]
+        self._sessions: dict = {}  # loaded on first use
+
+    def _session(self, graph: str):
+        if graph not in self._sessions:
+            f = self.root / self.manifest["graphs"][graph]["file"]
+            self._sessions[graph] = session(f, self.provider, self.threads)
+        return self._sessions[graph]
+
+    @property
+    def prefill(self):
+        return self._session("prefill")
+
+    @property
+    def decode(self):
+        return self._session("decode")
+
+    def release(self, graph: str) -> None:
+        """Free one graph's session (large models: time prefill and decode in turn)."""
+        self._sessions.pop(graph, None)
 
     def run_prefill(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [i.name for i in self.prefill.get_inputs()]
@@ -105,7 +120,7 @@ class Artifact:
 
     def step(self, tok: np.ndarray, pos: np.ndarray, past: list[np.ndarray]) -> list:
         feeds = {"input_ids": tok, "position_ids": pos}
-        feeds.update(zip(self._dec_in[2:], past))
+        feeds.update(zip([i.name for i in self.decode.get_inputs()][2:], past))
         return self.decode.run(None, feeds)
 
     def generate_ids(self, feeds: dict[str, np.ndarray], max_new_tokens: int,
