@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights")
+    ap.add_argument("--curriculum", type=int, default=0,
+                    help="for this many steps scenes hold fewer objects (2-3 at first, growing "
+                    "to the full 3-8): an easy read-out signal before the crowded scenes")
     ap.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of "
                     "the --steps schedule")
     args = ap.parse_args()
@@ -144,7 +147,10 @@ def main() -> None:
     for step in range(min(args.steps, args.stop_after or args.steps)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        samples = [synthvqa.sample(train_seed, step * args.batch_size + j)
+        objects = (3, 8)
+        if step < args.curriculum:
+            objects = (2, min(8, 3 + 6 * step // args.curriculum))
+        samples = [synthvqa.sample(train_seed, step * args.batch_size + j, objects)
                    for j in range(args.batch_size)]
         ids, mask, pos, pv = batch(samples, tok, n_image, image_id)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),

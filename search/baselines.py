@@ -13,27 +13,34 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
     """(name, candidate) per baseline; candidate None when the method cannot reach the target
     (e.g. FastV keeps every token in its first K layers)."""
     N, L = space.n_visual, space.n_layers
-    K = min(2, L - 1)
     out: list[tuple[str, Candidate | None]] = []
 
-    def fastv(c):
-        return Candidate(tuple([N] * K + [int(c)] * (L - K)))
+    # FastV: keep everything for K layers (K=2 by default), then c tokens; K=1 if K=2 cannot fit
+    for K in sorted({min(2, L - 1), 1}, reverse=True):
+        def fastv(c, K=K):
+            return Candidate(tuple([N] * K + [int(c)] * (L - K)))
 
-    c = space.fit(fastv, 0, N, target, scope, integer=True)
-    out.append((f"FastV K={K}", None if c is None else fastv(c)))
+        c = space.fit(fastv, 0, N, target, scope, integer=True)
+        if c is not None or K == 1:
+            out.append((f"FastV K={K}", None if c is None else fastv(c)))
+            break
 
-    # PyramidDrop: stages at 1/4, 1/2, 3/4 depth (8/16/24 of 32), N * lambda^stage
-    stages = sorted({min(L - 1, max(1, round(L * f))) for f in (0.25, 0.5, 0.75)})
+    # PyramidDrop: stages at 1/4, 1/2, 3/4 depth (8/16/24 of 32), N * lambda^stage; with the
+    # first stage moved to layer 1 if the default cannot fit
+    default = sorted({min(L - 1, max(1, round(L * f))) for f in (0.25, 0.5, 0.75)})
+    for stages in (default, sorted({1, *default[1:]})):
+        def pdrop(lam, stages=stages):
+            counts, s = [], 0
+            for layer in range(L):
+                s += layer in stages
+                counts.append(int(N * lam ** s))
+            return Candidate(snap(counts, N, "none"), score_at="next")
 
-    def pdrop(lam):
-        counts, s = [], 0
-        for layer in range(L):
-            s += layer in stages
-            counts.append(int(N * lam ** s))
-        return Candidate(snap(counts, N, "none"), score_at="next")
-
-    lam = space.fit(pdrop, 0.0, 1.0, target, scope)
-    out.append(("PyramidDrop", None if lam is None else pdrop(lam)))
+        lam = space.fit(pdrop, 0.0, 1.0, target, scope)
+        if lam is not None or stages[0] == 1:
+            name = "PyramidDrop" if stages == default else "PyramidDrop (stage 1 at layer 1)"
+            out.append((name, None if lam is None else pdrop(lam)))
+            break
 
     for name, method in (("VisionZip", "visionzip"), ("DivPrune", "divprune"),
                          ("random", "random"), ("downsampling", "pool")):

@@ -111,17 +111,20 @@ def joint(ctx: Context, n_trials: int, *, freeze_order: list[str],
 
         return _finish(ctx, trial, _solve_l0(ctx, build), "joint")
 
-    N_ = max(1, round(N * 0.11))
+    base = {"k": 1.0, "frozen": 0, "scorer": "last_query"}
     seeds = [{"select": "none", "k": 8.0, "r_min": 0.0, "frozen": 0, "scorer": "last_query"},
-             {"select": "divprune", "keep0": 0.25, "k": 1.0, "r_min": 1.0, "frozen": 0,
-              "scorer": "last_query"},
-             {"select": "visionzip", "keep0": 0.25, "k": 1.0, "r_min": 1.0, "frozen": 0,
-              "scorer": "last_query"},
-             {"select": "divprune", "keep0": 0.5, "k": 2.0, "r_min": N_ / N, "frozen": 0,
-              "scorer": "last_query"},
              {"select": "none", "k": 2.0, "r_min": 0.1, "frozen": max_frozen // 2,
               "scorer": "text_mean"}]
-    seeds = [s for s in seeds if s["select"] in select_methods]
+    for method in select_methods[1:]:  # each input-level method at the most tokens that fit
+        def flat(c, method=method):
+            return Candidate(snap([c] * L, N, method), method)
+
+        c = sp.fit(flat, 1, N, ctx.target, ctx.scope, integer=True)
+        if c is not None:
+            c = flat(c).counts[0]
+            seeds.append({**base, "select": method, "keep0": max(0.02, c / N), "r_min": 1.0})
+            seeds.append({**base, "select": method, "keep0": min(1.0, 2 * c / N), "k": 2.0,
+                          "r_min": 0.1})
     _optimize(ctx, objective, n_trials, "joint", seeds=seeds)
     return ctx.best
 

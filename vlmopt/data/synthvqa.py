@@ -199,9 +199,10 @@ def _boxes_clear(box, boxes, gap=3) -> bool:
                for a0, b0, a1, b1 in boxes)
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """3-8 non-overlapping objects and one glyph tile at random places."""
-    n = rng.randint(3, 8)
+def random_scene(rng: random.Random, min_objects: int = 3, max_objects: int = 8) -> Scene:
+    """3-8 (or the given range of) non-overlapping objects and one glyph tile at random
+    places. The defaults define the released splits."""
+    n = rng.randint(min_objects, max_objects)
     boxes: list[tuple[int, int, int, int]] = []
     gx, gy = rng.randint(2, IMAGE_SIZE - 11), rng.randint(2, IMAGE_SIZE - 13)
     boxes.append((gx, gy, gx + 8, gy + 10))
@@ -312,12 +313,14 @@ class Sample:
         return f"{self.question}\n<image>"
 
 
-def sample(seed: int, index: int) -> Sample:
-    """The ``index``-th sample of the stream for ``seed``; question types cycle for balance."""
+def sample(seed: int, index: int, objects: tuple[int, int] = (3, 8)) -> Sample:
+    """The ``index``-th sample of the stream for ``seed``; question types cycle for balance.
+    ``objects`` (min, max) narrows the scenes, e.g. for a training curriculum; min >= 2 so that
+    every question type can be asked."""
     rng = random.Random(seed * 1_000_003 + index)
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, *objects)
         qa = ask(scene, qtype, rng)
         if qa is not None:
             return Sample(render(scene), qa[0], qa[1], qtype, scene)

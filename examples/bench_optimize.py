@@ -1,0 +1,95 @@
+"""Quality and time of ``vlmopt optimize`` on the built-in model (issue targets: at 0.3 of the
+FLOPs, held-out accuracy >= 98% of the original's; at 0.15, >= 92%; above every baseline at the
+same FLOPs; the default run <= 3 minutes on 2 CPU cores).
+
+    python examples/bench_optimize.py [--targets 0.3 0.15] [--scope llm] [--trials 40]
+                                      [--strategy joint] [--json] [--save FILE]
+
+Each target is one full ``vlmopt optimize`` run (search, baselines, held-out evaluation on
+``builtin:synthvqa-test``, report) in a fresh temporary directory; its wall time is measured
+around the whole run. Prints one table per target and the pass/fail of each target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOALS = {0.3: 0.98, 0.15: 0.92}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin:synth-llava")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.15])
+    ap.add_argument("--scope", choices=("llm", "total"), default="llm")
+    ap.add_argument("--strategy", default="joint")
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", type=Path, help="also write the results as JSON here")
+    args = ap.parse_args()
+
+    from vlmopt.errors import VlmoptError
+    from vlmopt.optimize import Options, optimize
+
+    results = []
+    for target in args.targets:
+        with tempfile.TemporaryDirectory() as d:
+            opts = Options(model=args.model, target=target, out=Path(d) / "out",
+                           scope=args.scope, strategy=args.strategy, trials=args.trials,
+                           eval_limit=args.eval_limit, emit=False)
+            t0 = time.perf_counter()
+            try:
+                r = optimize(opts, stage=lambda m: print(f"  [{target}] {m}", file=sys.stderr))
+            except VlmoptError as e:
+                print(f"vlmopt: error: {e}", file=sys.stderr)
+                return 2
+            wall = time.perf_counter() - t0
+        rows = [m for m in r["methods"] if m.get("eval")]
+        orig = next(m for m in rows if m["method"] == "original")["eval"]["accuracy"]
+        ours = next(m for m in rows if m["method"].startswith("vlmopt"))
+        base = [m for m in rows if m["method"] not in ("original", ours["method"])]
+        best_base = max((m["eval"]["accuracy"] for m in base), default=float("nan"))
+        res = {"target": target, "scope": args.scope, "wall_seconds": wall,
+               "original_accuracy": orig, "accuracy": ours["eval"]["accuracy"],
+               "relative": ours["eval"]["accuracy"] / orig if orig else float("nan"),
+               "ratio_llm": ours["ratio_llm"], "ratio_total": ours["ratio_total"],
+               "latency_ratio": r["latency_ratio"], "best_baseline_accuracy": best_base,
+               "beats_every_baseline": all(ours["eval"]["accuracy"] > m["eval"]["accuracy"]
+                                           for m in base),
+               "methods": [{"method": m["method"], "accuracy": m["eval"]["accuracy"],
+                            "ratio_llm": m["ratio_llm"], "ratio_total": m["ratio_total"]}
+                           for m in rows],
+               "unreachable": [m["method"] for m in r["methods"] if m.get("unreachable")],
+               "plan": r["plan"]["passes"]}
+        results.append(res)
+        if not args.json:
+            print(f"\ntarget {target} ({args.scope} FLOPs), {r['n_eval']} held-out questions, "
+                  f"optimize wall time {wall:.0f} s")
+            print(f"  {'method':<24} {'accuracy':>9} {'LLM FLOPs':>10} {'total FLOPs':>12}")
+            for m in res["methods"]:
+                print(f"  {m['method']:<24} {m['accuracy']:>9.3f} {m['ratio_llm']:>10.3f} "
+                      f"{m['ratio_total']:>12.3f}")
+            for name in res["unreachable"]:
+                print(f"  {name:<24} cannot reach this target")
+            goal = GOALS.get(target)
+            print(f"  accuracy / original = {res['relative']:.3f}"
+                  + (f" (goal >= {goal}: {'met' if res['relative'] >= goal else 'NOT met'})"
+                     if goal else "")
+                  + f"; beats every baseline: {res['beats_every_baseline']}"
+                  + f"; measured prefill latency ratio {res['latency_ratio']:.3f}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
