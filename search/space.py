@@ -135,7 +135,9 @@ class Space:
                                                                            self.n_visual)
         out = {"total": f["total"], "llm": llm, "ratio_total": f["ratio"],
                "ratio_llm": llm / base_llm, "per_node": f["per_node"],
-               "visual_tokens_per_layer": f["visual_tokens_per_layer"]}
+               "visual_tokens_per_layer": f["visual_tokens_per_layer"],
+               "weight_bytes": f["weight_bytes_total"],
+               "size_ratio": f["weight_bytes_total"] / f["original_weight_bytes_total"]}
         self._ratios[key] = out
         return out
 

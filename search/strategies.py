@@ -104,14 +104,17 @@ def joint(ctx: Context, n_trials: int, *, freeze_order: list[str],
         scorer = trial.suggest_categorical("scorer", ["last_query", "text_mean"])
         n0 = N if select == "none" else max(1, round(N * frac))
         frozen = tuple(freeze_order[:n_frozen])
+        extra = _weight_steps(ctx, trial) if ctx.target_size is not None else ()
 
         def build(l0):
             counts = snap(sigmoid_counts(L, n0, k, l0, r_min), N, select)
-            return Candidate(counts, select, frozen, scorer)
+            return Candidate(counts, select, frozen, scorer, extra=extra)
 
         return _finish(ctx, trial, _solve_l0(ctx, build), "joint")
 
     base = {"k": 1.0, "frozen": 0, "scorer": "last_query"}
+    if ctx.target_size is not None:  # seeds start from CASP's setting: Q/K at 25%, int8
+        base.update(qk=0.25, bits=8)
     seeds = [{"select": "none", "k": 8.0, "r_min": 0.0, "frozen": 0, "scorer": "last_query"},
              {"select": "none", "k": 2.0, "r_min": 0.1, "frozen": max_frozen // 2,
               "scorer": "text_mean"}]
@@ -127,6 +130,23 @@ def joint(ctx: Context, n_trials: int, *, freeze_order: list[str],
                           "r_min": 0.1})
     _optimize(ctx, objective, n_trials, "joint", seeds=seeds)
     return ctx.best
+
+
+QK_RATIOS = (1.0, 0.5, 0.25)  # fraction of W_q/W_k parameters kept (CASP: 0.25)
+BITS = (16, 8, 4)  # decoder weight bits; 16 = left in floating point
+
+
+def _weight_steps(ctx: Context, trial: optuna.Trial) -> tuple:
+    """Q/K rank and weight bits for the joint search under a size target (section 8)."""
+    qk = trial.suggest_categorical("qk", list(QK_RATIOS))
+    bits = trial.suggest_categorical("bits", list(BITS))
+    steps = []
+    if qk < 1.0:
+        steps.append(("lowrank_qk", {"q_ratio": {"_default": qk}, "k_ratio": {"_default": qk},
+                                     "calib": ctx.calib}))
+    if bits < 16:
+        steps.append(("quantize", {"bits": {"_default": bits}, "group_size": 64}))
+    return tuple(steps)
 
 
 def _finish(ctx: Context, trial: optuna.Trial, cand: Candidate | None, source: str) -> float:

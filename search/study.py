@@ -31,7 +31,8 @@ class TrialRecord:
     ratio_llm: float
     ratio_total: float
     metrics: Metrics | None  # None: over the target, so never evaluated
-    within: bool = True  # within the FLOPs target (G-Search probes may be over it)
+    within: bool = True  # within the targets (G-Search probes may be over them)
+    size_ratio: float = 1.0  # weight bytes / the original's
 
     @property
     def feasible(self) -> bool:
@@ -41,6 +42,7 @@ class TrialRecord:
         return {"number": self.number, "source": self.source, "steps": self.steps,
                 "counts": self.counts, "ratio_llm": self.ratio_llm,
                 "ratio_total": self.ratio_total, "within_target": self.within,
+                "size_ratio": self.size_ratio,
                 "metrics": self.metrics.to_json() if self.metrics else None}
 
 
@@ -62,9 +64,12 @@ class Context:
 
     def __init__(self, study: optuna.Study, evaluator: Evaluator, space: Space, target: float,
                  scope: str, progress: Callable[[TrialRecord, TrialRecord | None], None]
-                 | None = None):
+                 | None = None, *, target_size: float | None = None,
+                 calib: str | None = None):
         self.study, self.evaluator, self.space = study, evaluator, space
         self.target, self.scope, self.progress = target, scope, progress
+        self.target_size = target_size  # weight bytes / the original's; None = no constraint
+        self.calib = calib  # dataset spec that lowrank_qk's covariances come from
         self.records: list[TrialRecord] = []
         self._resume()
 
@@ -79,7 +84,7 @@ class Context:
                 self.evaluator.remember(steps, m)
             self.records.append(TrialRecord(t.number, a["source"], steps, a["counts"],
                                             a["ratio_llm"], a["ratio_total"], m,
-                                            a.get("within", True)))
+                                            a.get("within", True), a.get("size_ratio", 1.0)))
         if self.records:
             log.info("resumed study %s: %d trials", self.study.study_name, len(self.records))
 
@@ -90,6 +95,11 @@ class Context:
 
     def feasible(self, cand: Candidate) -> bool:
         return self.space.ratio(cand, self.scope) <= self.target + 1e-12
+
+    def within(self, f: dict) -> bool:
+        """Both constraints: FLOPs (in the scope) and, if set, weight bytes."""
+        return f[f"ratio_{self.scope}"] <= self.target + 1e-12 and (
+            self.target_size is None or f["size_ratio"] <= self.target_size + 1e-12)
 
     def measure(self, cand: Candidate, source: str, trial: optuna.Trial | None = None, *,
                 probe: bool = False) -> TrialRecord:
@@ -103,10 +113,11 @@ class Context:
                 if r.source == source and r.steps == steps:
                     return r
         f = self.space.flops(steps)
-        ok = f[f"ratio_{self.scope}"] <= self.target + 1e-12
+        ok = self.within(f)
         m = self.evaluator.evaluate(steps) if (ok or probe) else None
         attrs = {"source": source, "steps": json.dumps(steps), "counts": list(cand.counts),
                  "ratio_llm": f["ratio_llm"], "ratio_total": f["ratio_total"], "within": ok,
+                 "size_ratio": f["size_ratio"],
                  "metrics": {"accuracy": m.accuracy, "agreement": m.agreement, "kl": m.kl}
                  if m else None}
         if trial is not None:
@@ -120,7 +131,7 @@ class Context:
             self.study.add_trial(ft)
             number = len(self.study.get_trials(deepcopy=False)) - 1
         rec = TrialRecord(number, source, steps, list(cand.counts), f["ratio_llm"],
-                          f["ratio_total"], m, ok)
+                          f["ratio_total"], m, ok, f["size_ratio"])
         self.records.append(rec)
         if self.progress:
             self.progress(rec, self.best)

@@ -134,3 +134,26 @@ def test_unlabelled_or_empty_calibration_is_rejected(tiny_llava, synth_data, tmp
                  "--out", str(out), "--no-emit"]) == 2
     assert "dataset is empty" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_target_size_adds_qk_rank_and_bits_to_the_joint_search(tiny_llava, synth_data,
+                                                                 tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(tiny_llava, synth_data, out, "--target-size", "0.95",
+                      "--trials", "6")) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["target_size"] == 0.95
+    assert r["chosen"]["size_ratio"] <= 0.95 and r["chosen"]["ratio_llm"] <= 0.4
+    names = [n for n, _ in r["chosen"]["steps"]]
+    assert "quantize" in names or "lowrank_qk" in names
+    for t in r["trials"]:
+        assert t["metrics"] is None or t["size_ratio"] <= 0.95 + 1e-12
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["target"]["size"] == 0.95
+
+
+def test_target_size_below_the_reachable_minimum_names_it(tiny_llava, synth_data, tmp_path,
+                                                          capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_llava, synth_data, out, "--target-size", "0.01")) == 2
+    assert "minimum is" in capsys.readouterr().err and not out.exists()

@@ -357,6 +357,7 @@ def cmd_optimize(args) -> int:
                    calib=args.calib, eval=args.eval, strategy=args.strategy, trials=args.trials,
                    seed=args.seed, storage=args.storage, study=args.study, scope=args.flops_scope,
                    objective=args.objective, calib_limit=args.calib_limit,
+                   target_size=args.target_size,
                    eval_limit=args.eval_limit, tolerance=args.tolerance,
                    emit=not args.no_emit)
     tty = sys.stderr.isatty()
@@ -470,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model")
     o.add_argument("--target-flops", type=_float_flag("--target-flops"), required=True,
                    help="prefill FLOPs of the result <= this fraction of the original's")
+    o.add_argument("--target-size", help="also keep weight bytes <= this: a ratio of the "
+                   "original's (0.5) or a size (4MB); the joint search then chooses Q/K rank "
+                   "(CASP) and weight bits too")
     o.add_argument("--flops-scope", choices=("llm", "total"), default="llm",
                    help="llm (default): decoder prefill, the papers' convention; total: with "
                    "the vision tower and projector, which token passes cannot reduce")

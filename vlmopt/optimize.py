@@ -45,6 +45,7 @@ class Options:
     study: str | None = None
     scope: str = "llm"
     objective: str = "auto"  # auto | accuracy | agreement
+    target_size: str | None = None  # weight bytes: a ratio "0.5" or bytes "4MB"; joint only
     calib_limit: int | None = None
     eval_limit: int | None = None
     tolerance: float = 0.01  # G-Search: fidelity drop allowed per layer decision
@@ -55,6 +56,7 @@ class Options:
     def signature(self, fingerprint: str) -> dict:
         """What must match for a re-run to resume this run's study."""
         return {"model": fingerprint, "target": self.target, "scope": self.scope,
+                "target_size": self.target_size,
                 "calib": self.calib, "calib_limit": self.calib_limit,
                 "strategy": self.strategy, "seed": self.seed, "objective": self.objective,
                 "tolerance": self.tolerance}
@@ -97,6 +99,27 @@ def study_name(opts: Options, fingerprint: str) -> str:
     return "vlmopt-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def size_ratio(spec: str, original_bytes: int) -> float:
+    """``--target-size``: a ratio in (0, 1] of the original weight bytes, or a byte count with
+    an optional unit (4MB, 2.5GiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(spec))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise VlmoptError(f"--target-size must be a ratio like 0.5 or a size like 4MB, "
+                          f"got {spec!r}")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    ratio = value if (not unit and value <= 1) else value * _UNITS[unit] / original_bytes
+    if not 0 < ratio <= 1:
+        raise VlmoptError(f"--target-size {spec} is {ratio:.3f} of the original "
+                          f"{original_bytes / 1e6:.2f} MB of weights; it must lie in (0, 1]")
+    return ratio
+
+
 def latency(graphs: dict, batch: dict, repeats: int = 5) -> dict[str, float]:
     """Median prefill seconds per graph on one batch, interleaved round-robin."""
     from vlmopt.ir.capture import complete_inputs
@@ -132,6 +155,9 @@ def optimize(opts: Options, progress: Callable | None = None,
         raise VlmoptError(f"--target-flops must lie in (0, 1], got {opts.target}")
     if opts.strategy not in STRATEGIES:
         raise VlmoptError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    if opts.target_size is not None and opts.strategy != "joint":
+        raise VlmoptError("--target-size needs --strategy joint (the search over Q/K rank and "
+                          "bits)")
     resolve_model(opts.model)
     opts.calib = _default_data(opts.model, opts.calib, "calib")
     opts.eval = _default_data(opts.model, opts.eval, "test")
@@ -157,6 +183,17 @@ def optimize(opts: Options, progress: Callable | None = None,
         evaluator.labelled = False
     space = Space(lm, evaluator.n_text, evaluator)
     space.check_target(opts.target, opts.scope)
+    size = None
+    if opts.target_size is not None:
+        size = size_ratio(opts.target_size, space.base["weight_bytes"])
+        smallest = space.flops([("lowrank_qk", {"q_ratio": {"_default": 0.25},
+                                                "k_ratio": {"_default": 0.25},
+                                                "calib": opts.calib}),
+                                ("quantize", {"bits": {"_default": 4}})])["size_ratio"]
+        if size < smallest:
+            raise VlmoptError(f"--target-size {opts.target_size} is below what the search can "
+                              f"reach: the minimum is {smallest:.3f} of the original weight "
+                              "bytes (Q/K at 25%, every decoder linear at 4 bits)")
 
     created = not opts.out.exists()
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +212,8 @@ def optimize(opts: Options, progress: Callable | None = None,
     order = rank_layers(lc)
 
     say(f"searching ({opts.strategy})")
-    ctx = Context(study, evaluator, space, opts.target, opts.scope, progress)
+    ctx = Context(study, evaluator, space, opts.target, opts.scope, progress,
+                  target_size=size, calib=opts.calib)
     if opts.strategy == "gsearch":
         strategies.gsearch(ctx, tolerance=opts.tolerance)
     elif opts.strategy == "psigmoid":
@@ -193,7 +231,8 @@ def optimize(opts: Options, progress: Callable | None = None,
 
     chosen = evaluator.build(best.steps, verify=True)
     plan = Plan(lm.name, lm.fingerprint, [(n, make_config(n, f)) for n, f in best.steps],
-                target={"flops": opts.target, "scope": opts.scope},
+                target={"flops": opts.target, "scope": opts.scope,
+                        **({"size": size} if size is not None else {})},
                 provenance={"search": opts.strategy, "seed": opts.seed,
                             "objective": "accuracy" if evaluator.labelled else "agreement",
                             "calib": opts.calib, "trials": len(ctx.records),
@@ -226,6 +265,7 @@ def optimize(opts: Options, progress: Callable | None = None,
     lat = latency({"original": evaluator.base, "chosen": chosen}, evaluator.batches[0])
     result = {
         "model": lm.name, "fingerprint": lm.fingerprint, "target": opts.target,
+        "target_size": size,
         "scope": opts.scope, "strategy": opts.strategy, "seed": opts.seed,
         "calib": opts.calib, "n_calib": len(calib), "eval": opts.eval, "n_eval": len(held),
         "n_text": evaluator.n_text, "n_visual": space.n_visual, "n_layers": space.n_layers,
