@@ -98,7 +98,7 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
                     per_type[name][r.type or "all"].append(ok)
         if progress:
             progress(len(chunk))
-    lat = _latency(graphs, first, latency_repeats)
+    lat = prefill_latency(graphs, first, latency_repeats)
     n_text = int((~(first["input_ids"] == lm.model.config.image_token_id)).sum(-1)
                  .float().mean())
     out = []
@@ -119,9 +119,10 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
     return out
 
 
-def _latency(graphs: dict, batch: dict, repeats: int) -> dict[str, float]:
-    """Median prefill time per graph on one batch; methods interleaved round-robin so machine
-    noise hits them alike."""
+@torch.no_grad()
+def prefill_latency(graphs: dict, batch: dict, repeats: int = 5) -> dict[str, float]:
+    """Median prefill time per graph on one batch (graph inputs); methods interleaved
+    round-robin so machine noise hits them alike."""
     times = defaultdict(list)
     for g in graphs.values():  # warm-up
         g(**batch)

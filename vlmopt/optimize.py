@@ -14,14 +14,11 @@ import hashlib
 import json
 import logging
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from vlmopt.errors import VlmoptError
 
@@ -118,23 +115,6 @@ def size_ratio(spec: str, original_bytes: int) -> float:
         raise VlmoptError(f"--target-size {spec} is {ratio:.3f} of the original "
                           f"{original_bytes / 1e6:.2f} MB of weights; it must lie in (0, 1]")
     return ratio
-
-
-def latency(graphs: dict, batch: dict, repeats: int = 5) -> dict[str, float]:
-    """Median prefill seconds per graph on one batch, interleaved round-robin."""
-    from vlmopt.ir.capture import complete_inputs
-
-    b = complete_inputs(batch)
-    times: dict[str, list[float]] = {k: [] for k in graphs}
-    with torch.no_grad():
-        for g in graphs.values():
-            g(**b)
-        for _ in range(repeats):
-            for k, g in graphs.items():
-                t0 = time.perf_counter()
-                g(**b)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def optimize(opts: Options, progress: Callable | None = None,
@@ -262,7 +242,9 @@ def optimize(opts: Options, progress: Callable | None = None,
         del held_ev
 
     say("measuring prefill latency")
-    lat = latency({"original": evaluator.base, "chosen": chosen}, evaluator.batches[0])
+    from vlmopt.compare import prefill_latency
+
+    lat = prefill_latency({"original": evaluator.base, "chosen": chosen}, evaluator.batches[0])
     result = {
         "model": lm.name, "fingerprint": lm.fingerprint, "target": opts.target,
         "target_size": size,
