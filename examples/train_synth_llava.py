@@ -48,6 +48,36 @@ def encode(tokenizer, prompt: str, answer: str | None, n_image: int, image_id: i
     return ids
 
 
+def relevance(s, patch: int) -> np.ndarray:
+    """Per-patch grounding labels [G, G] for one sample: 1 on the patches of what the question
+    asks about (the object(s), the glyph tile), 2 on a spatial question's reference object,
+    0 elsewhere. Derived from the question text and the scene (training-only supervision)."""
+    words = s.question.rstrip("?").lower().split()
+    objs = s.scene.objects
+
+    def match(o, ws):
+        return (not (set(ws) & set(synthvqa.COLOURS)) or o.colour in ws) and \
+            (not (set(ws) & set(synthvqa.SIZES)) or o.size in ws) and \
+            (not (set(ws) & (set(synthvqa.SHAPES) | {synthvqa.plural(x) for x in
+                                                       synthvqa.SHAPES}))
+             or o.shape in ws or synthvqa.plural(o.shape) in ws)
+
+    tag = {}
+    if s.type == "spatial":
+        cut = words.index("relative")
+        tag = {i: 1 for i, o in enumerate(objs) if match(o, words[:cut])}
+        tag.update({i: 2 for i, o in enumerate(objs) if match(o, words[cut:])})
+    elif s.type != "glyph":
+        tag = {i: 1 for i, o in enumerate(objs) if match(o, words)}
+    lab = synthvqa.patch_labels(s.scene, patch, owners=True)  # [G, G]: object index + 1
+    out = np.zeros_like(lab)
+    for i, v in tag.items():
+        out[lab == i + 1] = v
+    if s.type == "glyph":
+        out[lab == 255] = 1
+    return out
+
+
 def pixels(images) -> torch.Tensor:
     # same as the checkpoint's CLIP image processor for 112x112 RGB input (mean = std = 0.5)
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))
@@ -97,6 +127,8 @@ def main() -> None:
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights")
+    ap.add_argument("--ground-weight", type=float, default=0.0,
+                    help="weight of the grounding loss (which patches the question is about)")
     ap.add_argument("--curriculum", type=int, default=0,
                     help="for this many steps scenes hold fewer objects (2-3 at first, growing "
                     "to the full 3-8): an easy read-out signal before the crowded scenes")
@@ -128,10 +160,15 @@ def main() -> None:
 
     aux = torch.nn.ModuleList([heads(cfg.vision_config.hidden_size),
                                heads(cfg.text_config.hidden_size)])
+    # grounding head: a middle layer's visual states say which patches the question is about,
+    # so later layers can read them out (breaks the text-prior plateau; --ground-weight 0: off)
+    ground = torch.nn.Sequential(torch.nn.LayerNorm(cfg.text_config.hidden_size),
+                                 torch.nn.Linear(cfg.text_config.hidden_size, 3)).to(device)
+    mid = cfg.text_config.num_hidden_layers // 2
     seen = {}
     model.model.vision_tower.register_forward_hook(
         lambda m, i, o: seen.__setitem__("feats", o.hidden_states[cfg.vision_feature_layer]))
-    params = list(model.parameters()) + list(aux.parameters())
+    params = list(model.parameters()) + list(aux.parameters()) + list(ground.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step):
@@ -164,6 +201,12 @@ def main() -> None:
         feats = seen.pop("feats")[:, 1:]  # [B, Nv, Dv], patches in row-major order
         last = out.hidden_states[-1]  # [B, T, D]
         vis = last[ids.to(device) == image_id].view(len(samples), n_image, -1)  # [B, Nv, D]
+        if args.ground_weight:
+            rel = torch.from_numpy(np.stack([relevance(x, synth_llava.PATCH) for x in samples]))
+            mid_vis = out.hidden_states[mid][ids.to(device) == image_id]  # [B * Nv, D]
+            loss = loss + args.ground_weight * F.cross_entropy(
+                ground(mid_vis), rel.flatten().to(device),
+                weight=torch.tensor([0.2, 1.0, 1.0], device=device))
         for f, hs in ((feats, aux[0]), (vis, aux[1])):
             for j, head in enumerate(hs):
                 loss = loss + args.aux_weight / 6 * F.cross_entropy(

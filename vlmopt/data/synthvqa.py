@@ -146,10 +146,12 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
-def patch_labels(scene: Scene, patch: int) -> np.ndarray:
+def patch_labels(scene: Scene, patch: int, owners: bool = False) -> np.ndarray:
     """Per-patch ground truth [3, G, G] (row-major like ViT patches): colour id, shape id (0 =
     background, else 1 + index in COLOURS / SHAPES) and glyph id (0 = none, else 1 + index in
-    GLYPHS) of what covers most of each patch. Used as dense auxiliary supervision in training."""
+    GLYPHS) of what covers most of each patch. Used as dense auxiliary supervision in training.
+    ``owners``: instead [G, G] with the index + 1 of the object covering most of each patch
+    (255 = the glyph tile, 0 = background)."""
     lab = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(lab)
     for i, o in enumerate(scene.objects):
@@ -159,6 +161,7 @@ def patch_labels(scene: Scene, patch: int) -> np.ndarray:
     arr = np.asarray(lab)
     G = IMAGE_SIZE // patch
     out = np.zeros((3, G, G), dtype=np.int64)
+    own = np.zeros((G, G), dtype=np.int64)
     colours, glyphs = list(COLOURS), list(GLYPHS)
     for r in range(G):
         for c in range(G):
@@ -167,13 +170,14 @@ def patch_labels(scene: Scene, patch: int) -> np.ndarray:
             if len(vals) == 0 or counts.max() < patch * patch // 8:
                 continue
             v = int(vals[counts.argmax()])
+            own[r, c] = v
             if v == 255:
                 out[2, r, c] = 1 + glyphs.index(scene.glyph)
             else:
                 o = scene.objects[v - 1]
                 out[0, r, c] = 1 + colours.index(o.colour)
                 out[1, r, c] = 1 + SHAPES.index(o.shape)
-    return out
+    return own if owners else out
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, fill: int) -> None:
