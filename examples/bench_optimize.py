@@ -45,7 +45,8 @@ def main() -> int:
                            eval_limit=args.eval_limit, emit=False)
             t0 = time.perf_counter()
             try:
-                r = optimize(opts, stage=lambda m: print(f"  [{target}] {m}", file=sys.stderr))
+                r = optimize(opts, stage=lambda m, t=target: print(f"  [{t}] {m}",
+                                                                   file=sys.stderr))
             except VlmoptError as e:
                 print(f"vlmopt: error: {e}", file=sys.stderr)
                 return 2
