@@ -179,20 +179,24 @@ def test_emit_refuses_an_unexportable_decoder(loaded_tiny, tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_quantize_pass_linears_become_matmulnbits_and_keep_parity(loaded_tiny, synth_data,
-                                                                   tmp_path):
+def test_lowrank_and_quantize_pass_linears_export_as_matmulnbits_with_parity(
+        loaded_tiny, synth_data, tmp_path):
     from vlmopt.emit import emit
 
     passes = [{"name": "drop_tokens", "config": {"keep": {"layer_1": 50}}},
+              {"name": "freeze_visual", "config": {"layers": ["layer_1"]}},
+              {"name": "lowrank_qk", "config": {"q_rank": {"_default": 4},
+                                                "k_rank": {"layer_1": 8}, "whiten": False}},
               {"name": "quantize", "config": {"bits": {"layer_0": 4, "layer_1": 8},
                                               "group_size": 16}}]
     gm = apply_plan(loaded_tiny, plan_json(loaded_tiny, passes))
     m = emit(loaded_tiny, gm, tmp_path, load_records(str(synth_data))[:2], parity_samples=2)
-    # 7 linears per layer (q, k, v, o, gate, up, down) in both graphs; parity held at emit
-    assert m["matmul_nbits_from_quantize_pass"] == {"prefill": 14, "decode": 14}
+    # layer_0: q factors (2), k, v, o, gate, up, down; layer_1 (frozen): q and k factors (4),
+    # v, o, gate, up, down - in both graphs; parity held at emit
+    assert m["matmul_nbits_from_quantize_pass"] == {"prefill": 17, "decode": 17}
     assert m["parity"]["max_abs_logit_diff"] <= 1e-4
     for g in ("prefill", "decode"):
         nodes = onnx.load(str(tmp_path / f"onnx/{g}.onnx")).graph.node
         bits = sorted(a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
                       if a.name == "bits")
-        assert bits == [4] * 7 + [8] * 7
+        assert bits == [4] * 8 + [8] * 9
