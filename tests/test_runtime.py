@@ -139,3 +139,15 @@ def test_manifest_checksums_cover_every_graph_and_processor_file(arts):
     on_disk = {p.relative_to(d).as_posix() for p in d.rglob("*")
                if p.is_file() and p.parts[len(d.parts)] in ("onnx", "processor")}
     assert set(m["files"]) == on_disk
+
+
+def test_cuda_provider_without_onnxruntime_gpu_is_one_error_line(arts, synth_data, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    rec = load_records(str(synth_data))[0]
+    assert main(["run", str(arts["identity"].dir), "--image", str(rec.image), "--prompt",
+                 rec.prompt, "--provider", "cuda"]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "onnxruntime-gpu" in err[0]
