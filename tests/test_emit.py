@@ -200,3 +200,42 @@ def test_lowrank_and_quantize_pass_linears_export_as_matmulnbits_with_parity(
         bits = sorted(a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
                       if a.name == "bits")
         assert bits == [4] * 8 + [8] * 9
+
+
+def test_bench_default_plan_is_the_largest_keep_under_the_flops_target(loaded_tiny):
+    from vlmopt.api import flops
+    from vlmopt.bench import drop_plan
+
+    plan = drop_plan(loaded_tiny, 0.8, 1, n_text=32)
+    keep = plan["passes"][0]["config"]["keep"]["layer_1"]
+
+    def ratio(k):
+        p = {**plan, "passes": [{"name": "drop_tokens", "config": {"keep": {"layer_1": k}}}]}
+        return flops(loaded_tiny, apply_plan(loaded_tiny, p), n_text=32)["ratio"]
+
+    assert ratio(keep) <= 0.8 < ratio(keep + 1)
+    with pytest.raises(VlmoptError, match="drop-layer"):
+        drop_plan(loaded_tiny, 0.1, 1, n_text=32)
+
+
+def test_bench_interleaves_variants_and_reports_medians():
+    from vlmopt.bench import measure
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def prefill(self, batch):
+            calls.append(("prefill", self.name))
+            return self.name
+
+        def decode(self, state, n):
+            calls.append(("decode", self.name, state))
+
+    res = measure({"a": Fake("a"), "b": Fake("b"), "b+q": Fake("b+q")}, {}, repeats=3,
+                  n_decode=2)
+    assert calls[:4] == [("prefill", "a"), ("prefill", "b"), ("prefill", "a"), ("prefill", "b")]
+    assert ("decode", "b+q", "b") in calls  # a quantized decode variant starts from its base
+    assert set(res) == {"a", "b", "b+q"} and len(res["a"]["prefill_runs_ms"]) == 3
