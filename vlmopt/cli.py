@@ -341,76 +341,6 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
-def _float_flag(flag: str):
-    def parse(v: str) -> float:
-        try:
-            return float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {v!r}") from None
-    return parse
-
-
-def cmd_optimize(args) -> int:
-    from vlmopt.optimize import Options, optimize
-
-    opts = Options(model=args.model, target=args.target_flops, out=Path(args.out),
-                   calib=args.calib, eval=args.eval, strategy=args.strategy, trials=args.trials,
-                   seed=args.seed, storage=args.storage, study=args.study, scope=args.flops_scope,
-                   objective=args.objective, calib_limit=args.calib_limit,
-                   target_size=args.target_size,
-                   eval_limit=args.eval_limit, tolerance=args.tolerance,
-                   emit=not args.no_emit)
-    tty = sys.stderr.isatty()
-    bar = None
-    if tty:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[best]}"), transient=True)
-        task = bar.add_task("search", total=args.trials if args.strategy != "gsearch" else None,
-                            best="")
-
-    def progress(rec, best):
-        text = "" if best is None else (f"best fidelity {best.metrics.fidelity:.3f} at "
-                                        f"{best.ratio_llm:.3f} LLM / {best.ratio_total:.3f} "
-                                        "total FLOPs")
-        if bar is not None:
-            bar.update(task, advance=1, best=text)
-        else:
-            log.info("trial %d (%s): %s", rec.number, rec.source, text)
-
-    def stage(msg):
-        print(f"vlmopt: {msg}", file=sys.stderr, flush=True)
-
-    if bar is not None:
-        bar.start()
-    try:
-        res = optimize(opts, progress=progress, stage=stage)
-    finally:
-        if bar is not None:
-            bar.stop()
-    ours = next(m for m in res["methods"] if m["method"].startswith("vlmopt"))
-    orig = res["methods"][0]
-    if args.json:
-        print(json.dumps({k: res[k] for k in ("model", "target", "scope", "strategy",
-                                               "seconds", "latency_ratio", "methods")},
-                         indent=2))
-        return 0
-    print(f"wrote {opts.out}: plan.json, report.html/.md/.json"
-          + (", ONNX package" if isinstance(res.get("artifact"), dict) else ""))
-    print(f"chosen plan: LLM FLOPs ratio {ours['ratio_llm']:.3f} (total "
-          f"{ours['ratio_total']:.3f}); calibration fidelity {ours['calib']['fidelity']:.3f} "
-          f"(original {orig['calib']['fidelity']:.3f}); prefill latency ratio "
-          f"{res['latency_ratio']:.3f}; {res['seconds']:.0f} s")
-    for m in res["methods"]:
-        if m.get("eval"):
-            print(f"  held-out {m['method']:<22} accuracy {m['eval']['fidelity']:.3f}  "
-                  f"LLM FLOPs {m['ratio_llm']:.3f}")
-        elif m.get("unreachable"):
-            print(f"  held-out {m['method']:<22} cannot reach the target")
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 
 
@@ -466,38 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_compare)
 
-    o = sub.add_parser("optimize", help="search the best plan under a FLOPs target; write "
-                       "plan, report (and the ONNX package)")
-    o.add_argument("model")
-    o.add_argument("--target-flops", type=_float_flag("--target-flops"), required=True,
-                   help="prefill FLOPs of the result <= this fraction of the original's")
-    o.add_argument("--target-size", help="also keep weight bytes <= this: a ratio of the "
-                   "original's (0.5) or a size (4MB); the joint search then chooses Q/K rank "
-                   "(CASP) and weight bits too")
-    o.add_argument("--flops-scope", choices=("llm", "total"), default="llm",
-                   help="llm (default): decoder prefill, the papers' convention; total: with "
-                   "the vision tower and projector, which token passes cannot reduce")
-    o.add_argument("--calib", help="calibration JSONL (default for builtin:synth-llava: "
-                   "builtin:synthvqa-calib)")
-    o.add_argument("--eval", help="held-out JSONL for the report (default for "
-                   "builtin:synth-llava: builtin:synthvqa-test)")
-    o.add_argument("--out", required=True)
-    o.add_argument("--strategy", choices=("joint", "gsearch", "psigmoid"), default="joint")
-    o.add_argument("--trials", type=_positive("--trials"), default=40,
-                   help="optuna trials (joint, psigmoid); a resumed run counts earlier ones")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--storage", help="optuna storage URL (default: sqlite in OUT); e.g. "
-                   "postgresql://user@host/db to share one study between workers")
-    o.add_argument("--study", help="study name (default: derived from the settings)")
-    o.add_argument("--objective", choices=("auto", "accuracy", "agreement"), default="auto",
-                   help="auto: accuracy when every calibration record has an answer")
-    o.add_argument("--tolerance", type=_float_flag("--tolerance"), default=0.01,
-                   help="gsearch: fidelity drop allowed at each layer (default 0.01)")
-    o.add_argument("--calib-limit", type=_positive("--calib-limit"))
-    o.add_argument("--eval-limit", type=_positive("--eval-limit"))
-    o.add_argument("--no-emit", action="store_true", help="skip the ONNX package")
-    o.add_argument("--json", action="store_true")
-    o.set_defaults(fn=cmd_optimize)
+    from vlmopt.cli_optimize import add_parser as add_optimize
+
+    add_optimize(sub)
 
     a = sub.add_parser("apply", help="apply a plan.json to a model")
     a.add_argument("plan")
