@@ -28,6 +28,7 @@ class ToySpace(Space):
         c = counts_of(steps, N, L)
         r = sum(c) / (N * L)
         return {"total": r, "llm": r, "ratio_total": r, "ratio_llm": r, "per_node": {},
+                "size_ratio": 1.0,
                 "visual_tokens_per_layer": c}
 
     def minimum(self, scope):
