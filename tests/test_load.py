@@ -193,12 +193,13 @@ TRANSFORMERS_ONLY = textwrap.dedent(r"""
     proc = AutoProcessor.from_pretrained(path)
     img = Image.new("RGB", (112, 112), (128, 120, 110))
     ImageDraw.Draw(img).rectangle([20, 20, 34, 34], fill=(220, 40, 40))
+    # question first, then the image: the built-in model's prompt format (SynthVQA's)
     text = proc.apply_chat_template(
-        [{"role": "user", "content": "<image>\nWhat colour is the square?"}],
+        [{"role": "user", "content": "What colour is the square?\n<image>"}],
         add_generation_prompt=True, tokenize=False)
     text2 = proc.apply_chat_template(  # the structured message form tokenizes the same
-        [{"role": "user", "content": [{"type": "image"},
-                                      {"type": "text", "text": "What colour is the square?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "What colour is the square?"},
+                                      {"type": "image"}]}],
         add_generation_prompt=True, tokenize=False)
     enc = proc(images=[img], text=[text], return_tensors="pt")
     enc2 = proc(images=[img], text=[text2], return_tensors="pt")
@@ -232,7 +233,7 @@ def test_checkpoint_loads_and_runs_with_transformers_alone(which, tiny_llava, tm
                        env=env, capture_output=True, text=True, check=False, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["text"] == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    assert out["text"] == "USER: What colour is the square?\n<image> ASSISTANT:"
     assert out["same_ids"]
     assert out["finite"] and not out["vlmopt_loaded"]
     assert out["n_image_tokens"] == out["image_seq_length"] == 196
