@@ -15,12 +15,12 @@ from helpers import tiny_model_and_batch
 from vlmopt import inputs
 from vlmopt.api import apply_plan
 from vlmopt.data.dataset import load_records
-from vlmopt.emit import check_parity, sha256, torch_generate
+from vlmopt.emit import check_parity, torch_generate
 from vlmopt.errors import VlmoptError
 from vlmopt.export_graph import DecodeForm, PrefillForm
 from vlmopt.ir.capture import capture, complete_inputs
 from vlmopt.pipeline import make_config, run_passes
-from vlmopt.runtime import Artifact
+from vlmopt.runtime import Artifact, sha256
 
 
 @pytest.fixture(scope="module")

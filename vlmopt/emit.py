@@ -14,7 +14,6 @@ declares success it checks ONNX Runtime against the PyTorch graph on calibration
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -41,14 +40,6 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "processor_config.json", "preprocessor_config.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json",
                    "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def io_names(n_layers: int) -> dict[str, list[str]]:
@@ -224,7 +215,7 @@ def _graph_io(path: Path) -> dict:
 def write_checksums(out: Path, manifest: dict) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
                    and (p.parts[len(out.parts)] in ("onnx", "processor")))
-    manifest["files"] = {p.relative_to(out).as_posix(): {"sha256": sha256(p),
+    manifest["files"] = {p.relative_to(out).as_posix(): {"sha256": runtime.sha256(p),
                                                          "bytes": p.stat().st_size}
                          for p in files}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

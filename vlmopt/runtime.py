@@ -27,7 +27,8 @@ def is_artifact(path) -> bool:
     return p.is_dir() and (p / "manifest.json").is_file()
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -57,10 +58,10 @@ def read_manifest(root: Path, verify: bool = True) -> dict:
             f = root / rel
             if not f.is_file():
                 raise VlmoptError(f"{root}: file {rel} listed in manifest.json is missing")
-            if _sha256(f) != info["sha256"]:
+            if sha256(f) != info["sha256"]:
                 raise VlmoptError(f"{root}: checksum mismatch for {rel} (manifest.json says "
                                   f"sha256 {info['sha256'][:12]}..., file has "
-                                  f"{_sha256(f)[:12]}...)")
+                                  f"{sha256(f)[:12]}...)")
     return m
 
 
