@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
+        # the ONNX exporter logs each torchvision op it skips; noise for a user
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         return args.fn(args)
     except VlmoptError as e:
