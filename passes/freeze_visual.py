@@ -19,6 +19,7 @@ from torch import fx
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.frozen import FrozenDecoder
 from vlmopt.ir.rewrite import add_module
+from vlmopt.ir.weights import check_regex
 from vlmopt.pipeline import PassResult, register_pass
 
 _LAYER = re.compile(r"^layer_\d+$")
@@ -35,10 +36,7 @@ class Config:
             if not isinstance(s, str):
                 raise ValueError(f"field 'layers': {s!r} is not a string")
             if s.startswith("re:"):
-                try:
-                    re.compile(s[3:])
-                except re.error as e:
-                    raise ValueError(f"field 'layers': bad regex {s!r}: {e}") from None
+                check_regex("layers", s)
             elif not _LAYER.match(s):
                 raise ValueError(f"field 'layers': {s!r} is not a layer name like 'layer_3'")
 

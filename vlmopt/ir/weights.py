@@ -23,6 +23,14 @@ from vlmopt.ir.rewrite import add_module
 DEFAULT = "_default"
 
 
+def check_regex(where: str, key: str) -> None:
+    """A 're:' selector must compile; the error names the field."""
+    try:
+        re.compile(key[3:])
+    except re.error as e:
+        raise ValueError(f"field '{where}': bad regex {key!r}: {e}") from None
+
+
 def check_selectors(where: str, sel: object, name_ok: Callable[[str], bool],
                     value_ok: Callable[[object], str | None]) -> None:
     """Validate a selector dict; ``where`` names the field in every error (a ValueError)."""
@@ -32,10 +40,7 @@ def check_selectors(where: str, sel: object, name_ok: Callable[[str], bool],
         if not isinstance(key, str):
             raise ValueError(f"field '{where}': selector {key!r} is not a string")
         if key.startswith("re:"):
-            try:
-                re.compile(key[3:])
-            except re.error as e:
-                raise ValueError(f"field '{where}': bad regex {key!r}: {e}") from None
+            check_regex(where, key)
         elif key != DEFAULT and not name_ok(key):
             raise ValueError(f"field '{where}': {key!r} is not a valid name, 're:' regex or "
                              f"'{DEFAULT}'")
