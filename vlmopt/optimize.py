@@ -100,16 +100,20 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
           "GIB": 2**30}
 
 
-def size_ratio(spec: str, original_bytes: int) -> float:
-    """``--target-size``: a ratio in (0, 1] of the original weight bytes, or a byte count with
-    an optional unit (4MB, 2.5GiB)."""
+def _parse_size(spec: str) -> tuple[float, str]:
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(spec))
     if not m or m.group(2).upper() not in _UNITS:
         raise VlmoptError(f"--target-size must be a ratio like 0.5 or a size like 4MB, "
                           f"got {spec!r}")
-    value, unit = float(m.group(1)), m.group(2).upper()
+    return float(m.group(1)), m.group(2).upper()
+
+
+def size_ratio(spec: str, original_bytes: int) -> float:
+    """``--target-size``: a ratio in (0, 1] of the original weight bytes, or a byte count with
+    an optional unit (4MB, 2.5GiB)."""
+    value, unit = _parse_size(spec)
     ratio = value if (not unit and value <= 1) else value * _UNITS[unit] / original_bytes
     if not 0 < ratio <= 1:
         raise VlmoptError(f"--target-size {spec} is {ratio:.3f} of the original "
@@ -135,6 +139,8 @@ def optimize(opts: Options, progress: Callable | None = None,
         raise VlmoptError(f"--target-flops must lie in (0, 1], got {opts.target}")
     if opts.strategy not in STRATEGIES:
         raise VlmoptError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    if opts.target_size is not None:
+        _parse_size(opts.target_size)  # a malformed flag fails before anything is loaded
     if opts.target_size is not None and opts.strategy != "joint":
         raise VlmoptError("--target-size needs --strategy joint (the search over Q/K rank and "
                           "bits)")
