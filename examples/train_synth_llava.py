@@ -132,6 +132,14 @@ def main() -> None:
     ap.add_argument("--curriculum", type=int, default=0,
                     help="for this many steps scenes hold fewer objects (2-3 at first, growing "
                     "to the full 3-8): an easy read-out signal before the crowded scenes")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="first train the vision tower alone on the per-patch labels for this "
+                    "many steps (fast: no decoder), then the whole model")
+    ap.add_argument("--vision-batch-size", type=int, default=32)
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--aux-bg-weight", type=float, default=1.0,
+                    help="class weight of 'background' in the per-patch losses (< 1: the "
+                    "rarer object and glyph patches count more)")
     ap.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of "
                     "the --steps schedule")
     args = ap.parse_args()
@@ -168,6 +176,45 @@ def main() -> None:
     seen = {}
     model.model.vision_tower.register_forward_hook(
         lambda m, i, o: seen.__setitem__("feats", o.hidden_states[cfg.vision_feature_layer]))
+    def aux_loss(f, labels, hs):  # per-patch colour, shape and glyph of features f [B, Nv, D]
+        total = 0.0
+        for j, head in enumerate(hs):
+            w = torch.ones(n_cls[j], device=device)
+            w[0] = args.aux_bg_weight
+            total = total + F.cross_entropy(head(f).flatten(0, 1), labels[:, j].flatten(),
+                                            weight=w)
+        return total
+
+    def patch_targets(samples):
+        return torch.from_numpy(np.stack([synthvqa.patch_labels(s.scene, synth_llava.PATCH)
+                                          for s in samples])).flatten(2).to(device)  # [B,3,Nv]
+
+    train_seed = synthvqa.SPLIT_SEEDS["train"] + args.seed
+    t0 = time.time()
+    if args.vision_steps:  # phase 1: the vision tower alone, on the dense per-patch labels
+        vparams = list(model.model.vision_tower.parameters()) + list(aux[0].parameters())
+        vopt = torch.optim.AdamW(vparams, lr=args.vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
+        for step in range(args.vision_steps):
+            frac = step / args.vision_steps
+            for g in vopt.param_groups:
+                g["lr"] = args.vision_lr * min(1.0, (step + 1) / args.warmup) * (
+                    0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            # its own stream (the decoder phase below starts at index 0 of the train stream)
+            samples = [synthvqa.sample(train_seed + 3_000_017, step * args.vision_batch_size + j)
+                       for j in range(args.vision_batch_size)]
+            out = model.model.vision_tower(pixels([s.image for s in samples]).to(device),
+                                           output_hidden_states=True)
+            feats = out.hidden_states[cfg.vision_feature_layer][:, 1:]
+            loss = aux_loss(feats, patch_targets(samples), aux[0])
+            vopt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vparams, args.clip)
+            vopt.step()
+            if (step + 1) % 50 == 0:
+                print(f"  vision step {step + 1} loss {loss.item():.3f} "
+                      f"{time.time() - t0:.0f}s", flush=True)
+        del vopt
+
     params = list(model.parameters()) + list(aux.parameters()) + list(ground.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -179,8 +226,7 @@ def main() -> None:
 
     # held-out monitor: a stream with its own seed (neither train, calib nor test)
     held = [synthvqa.sample(7_777_777, i) for i in range(350)]
-    train_seed = synthvqa.SPLIT_SEEDS["train"] + args.seed
-    t0, run_loss = time.time(), 0.0
+    run_loss = 0.0
     for step in range(min(args.steps, args.stop_after or args.steps)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -196,8 +242,7 @@ def main() -> None:
         logits = out.logits[:, :2].float()  # predicts answer, then eos
         target = ids[:, -2:].to(device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        labels = torch.from_numpy(np.stack([synthvqa.patch_labels(s.scene, synth_llava.PATCH)
-                                            for s in samples])).to(device)  # [B, 3, G, G]
+        labels = patch_targets(samples)  # [B, 3, Nv]
         feats = seen.pop("feats")[:, 1:]  # [B, Nv, Dv], patches in row-major order
         last = out.hidden_states[-1]  # [B, T, D]
         vis = last[ids.to(device) == image_id].view(len(samples), n_image, -1)  # [B, Nv, D]
@@ -208,9 +253,7 @@ def main() -> None:
                 ground(mid_vis), rel.flatten().to(device),
                 weight=torch.tensor([0.2, 1.0, 1.0], device=device))
         for f, hs in ((feats, aux[0]), (vis, aux[1])):
-            for j, head in enumerate(hs):
-                loss = loss + args.aux_weight / 6 * F.cross_entropy(
-                    head(f).flatten(0, 1), labels[:, j].flatten())
+            loss = loss + args.aux_weight / 6 * aux_loss(f, labels, hs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)

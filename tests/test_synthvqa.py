@@ -246,6 +246,21 @@ def test_glyph_is_drawn_in_black_ink_on_a_white_tile():
             assert (px == 0).all() if ch == "#" else (px == 250).all(), (row, col)
 
 
+def test_glyph_ink_lies_in_one_grid_cell_and_its_label_is_on_that_patch():
+    seen = set()
+    for seed in range(100):
+        scene = synthvqa.random_scene(random.Random(seed))
+        gx, gy = scene.glyph_xy
+        seen.add(((gx + 2) % synthvqa.INK_CELL, (gy + 2) % synthvqa.INK_CELL))
+        r0, r1 = (gy + 2) // synthvqa.INK_CELL, (gy + 8) // synthvqa.INK_CELL
+        c0, c1 = (gx + 2) // synthvqa.INK_CELL, (gx + 6) // synthvqa.INK_CELL
+        assert (r0, c0) == (r1, c1), scene.glyph_xy
+        lab = synthvqa.patch_labels(scene, synthvqa.INK_CELL)[2]
+        assert lab[r0, c0] == 1 + list(GLYPHS).index(scene.glyph)
+        assert (lab > 0).sum() == 1
+    assert len(seen) == 8  # jitter: 4 column x 2 row offsets inside the cell
+
+
 def test_glyph_bitmaps_are_5x7_and_distinct():
     for g, rows in GLYPHS.items():
         assert len(rows) == 7 and all(len(r) == 5 for r in rows), g
