@@ -142,6 +142,7 @@ class Space:
                "ratio_llm": llm / base_llm, "per_node": f["per_node"],
                "visual_tokens_per_layer": f["visual_tokens_per_layer"],
                "weight_bytes": f["weight_bytes_total"],
+               "weight_bytes_per_node": f["weight_bytes_per_node"],
                "size_ratio": f["weight_bytes_total"] / f["original_weight_bytes_total"]}
         self._ratios[key] = out
         return out

@@ -152,6 +152,16 @@ def test_target_size_adds_qk_rank_and_bits_to_the_joint_search(tiny_llava, synth
         assert t["metrics"] is None or t["size_ratio"] <= 0.95 + 1e-12
     plan = json.loads((out / "plan.json").read_text())
     assert plan["target"]["size"] == 0.95
+    # the report's per-layer table says what was compressed, and the bytes add up
+    comp, fl = r["compression"], r["flops"]
+    if "lowrank_qk" in names:
+        assert all(c["q_rank"] and c["k_rank"] for c in comp.values())
+    if "quantize" in names:
+        assert all(c["bits"] for c in comp.values())
+    per = fl["weight_bytes_per_node"]
+    assert sum(v for k, v in per.items() if k != "total") == fl["weight_bytes"]
+    md = (out / "report.md").read_text()
+    assert "| Q/K rank | weight bits |" in md
 
 
 def test_target_size_below_the_reachable_minimum_names_it(tiny_llava, synth_data, tmp_path,

@@ -224,6 +224,8 @@ def optimize(opts: Options, progress: Callable | None = None,
                             "calib": opts.calib, "trials": len(ctx.records),
                             "study": study.study_name})
 
+    compression = _compression(chosen)
+
     say("baselines at the same FLOPs")
     rows = [{"method": "original", "steps": [], "ratio_llm": 1.0, "ratio_total": 1.0,
              "calib": evaluator.evaluate([]).to_json()},
@@ -260,7 +262,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         "plan": plan.to_json(), "chosen": best.to_json(),
         "flops": {k: v for k, v in space.flops(best.steps).items()},
         "original_flops": space.base,
-        "layer_contribution": lc, "freeze_order": order,
+        "layer_contribution": lc, "freeze_order": order, "compression": compression,
         "trials": [r.to_json() for r in ctx.records], "trial_counts": ctx.counts(),
         "methods": rows,
         "latency_s": lat, "latency_ratio": lat["chosen"] / lat["original"],
@@ -270,6 +272,18 @@ def optimize(opts: Options, progress: Callable | None = None,
     _publish(opts, lm, chosen, plan, result, calib, say)
     result["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _compression(gm) -> dict:
+    """Per decoder layer of the chosen graph: Q/K ranks (None = dense) and weight bits."""
+    from vlmopt.ir.capture import decoder_nodes
+
+    out = {}
+    for n in decoder_nodes(gm):
+        m = n.meta["vlmopt"]
+        out[n.name] = {"q_rank": m.get("q_rank"), "k_rank": m.get("k_rank"),
+                       "bits": sorted(set(m.get("bits", {}).values()))}
+    return out
 
 
 def _publish(opts: Options, lm, chosen, plan, result: dict, calib, say) -> None:

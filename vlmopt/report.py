@@ -91,9 +91,20 @@ def _frozen(r: dict) -> list[str]:
 def layer_rows(r: dict) -> list[dict]:
     f0, f1 = r["original_flops"]["per_node"], r["flops"]["per_node"]
     frozen = set(_frozen(r))
-    return [{"name": f"layer_{i}", "visual": c, "frozen": f"layer_{i}" in frozen,
-             "lc": r["layer_contribution"][i], "f0": f0[f"layer_{i}"] / 1e9,
-             "f1": f1[f"layer_{i}"] / 1e9} for i, c in enumerate(r["chosen"]["counts"])]
+    w0 = r["original_flops"].get("weight_bytes_per_node", {})
+    w1 = r["flops"].get("weight_bytes_per_node", {})
+    comp = r.get("compression", {})
+    rows = []
+    for i, c in enumerate(r["chosen"]["counts"]):
+        name = f"layer_{i}"
+        cm = comp.get(name, {})
+        qk = "dense" if not cm.get("q_rank") else f"{cm['q_rank']}/{cm['k_rank']}"
+        bits = "/".join(str(b) for b in cm.get("bits", [])) or "fp32"
+        rows.append({"name": name, "visual": c, "frozen": name in frozen,
+                     "lc": r["layer_contribution"][i], "f0": f0[name] / 1e9, "f1": f1[name] / 1e9,
+                     "qk": qk, "bits": bits, "w0": w0.get(name, 0) / 1e3,
+                     "w1": w1.get(name, 0) / 1e3})
+    return rows
 
 
 def _fmt(v) -> str:
@@ -117,10 +128,12 @@ def markdown(r: dict) -> str:
         acc = _fmt(m.get("eval", {}).get("accuracy")) if m.get("eval") else "-"
         lines.append(f"| {m['method']} | {m['ratio_llm']:.3f} | {m['ratio_total']:.3f} | "
                      f"{m['calib']['fidelity']:.3f} | {acc} |")
-    lines += ["", "| layer | visual tokens | frozen | LC |", "| --- | --- | --- | --- |"]
+    lines += ["", "| layer | visual tokens | frozen | LC | Q/K rank | weight bits | weight kB "
+              "(original -> optimized) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in layer_rows(r):
         lines.append(f"| {row['name']} | {row['visual']} | {'yes' if row['frozen'] else ''} | "
-                     f"{row['lc']:.5f} |")
+                     f"{row['lc']:.5f} | {row['qk']} | {row['bits']} | {row['w0']:.1f} -> "
+                     f"{row['w1']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
