@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import optuna
-from vlmopt.search.space import EXPORT_STABLE_SELECT, Candidate, sigmoid_counts, snap
+from vlmopt.search.space import SEARCH_SELECT, Candidate, sigmoid_counts, snap
 from vlmopt.search.study import Context, TrialRecord
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def psigmoid(ctx: Context, n_trials: int, *, source: str = "psigmoid") -> TrialR
 
 
 def joint(ctx: Context, n_trials: int, *, freeze_order: list[str],
-          select_methods: tuple[str, ...] = EXPORT_STABLE_SELECT,
+          select_methods: tuple[str, ...] = SEARCH_SELECT,
           max_frozen_frac: float = 0.6) -> TrialRecord | None:
     """Token schedule + where visual tokens are selected before the LLM + ShortV layers, searched
-    together: select method (the export-stable ones by default, see space.py) and keep
+    together: select method (space.SEARCH_SELECT by default) and keep
     fraction, sigmoid (k, r_min) with l0 solved for the budget, the number of frozen layers
     (lowest Layer Contribution first) and the scorer."""
     sp = ctx.space

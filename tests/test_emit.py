@@ -12,10 +12,11 @@ import torch
 from artifacts import OPTIMIZED, build, plan_json
 from helpers import tiny_model_and_batch
 
+from vlmopt import emit as emit_mod
 from vlmopt import inputs
 from vlmopt.api import apply_plan
 from vlmopt.data.dataset import load_records
-from vlmopt.emit import check_parity, torch_generate
+from vlmopt.emit import check_parity, decision_margins, emit, torch_generate
 from vlmopt.errors import VlmoptError
 from vlmopt.export_graph import DecodeForm, PrefillForm
 from vlmopt.ir.capture import capture, complete_inputs
@@ -107,6 +108,32 @@ def test_emit_fails_loudly_naming_the_sample_and_the_diff(arts, other_batch):
     art = Artifact(arts["identity"].dir)
     with pytest.raises(VlmoptError, match=r"sample 0 .*diff"):
         check_parity(art, arts["optimized"].gm, other_batch, ["a.png", "b.png", "c.png", "d.png"])
+
+
+def test_a_divprune_plan_exports_and_parity_reports_selection_margins(
+        loaded_tiny, synth_data, tmp_path, other_batch, monkeypatch):
+    lm = loaded_tiny
+    gm = apply_plan(lm, plan_json(lm, [{"name": "select_visual",
+                                        "config": {"method": "divprune", "keep": 40}}]))
+    m = decision_margins(gm, other_batch)
+    assert m.shape == (4,) and np.isfinite(m).all() and (m >= 0).all()
+    assert np.isinf(decision_margins(apply_plan(lm, plan_json(lm, [])), other_batch)).all()
+    out = tmp_path / "dp"
+    out.mkdir()
+    manifest = emit(lm, gm, out, load_records(str(synth_data)), parity_samples=4)
+    par = manifest["parity"]
+    assert par["tie_flips"] < par["samples"] and par["max_abs_logit_diff"] <= par["atol"]
+    assert "min_selection_margin" in par
+    # a mismatch is a tie flip only where a pick was a near-tie; else an error
+    wrong = Artifact(out)  # the divprune artifact against another graph: every sample differs
+    other = apply_plan(lm, plan_json(lm, [{"name": "select_visual",
+                                           "config": {"method": "divprune", "keep": 20}}]))
+    monkeypatch.setattr(emit_mod, "PARITY_MARGIN", -1.0)  # no sample counts as a near-tie
+    with pytest.raises(VlmoptError, match="parity failed on sample 0"):
+        check_parity(wrong, other, other_batch, ["a", "b", "c", "d"])
+    monkeypatch.setattr(emit_mod, "PARITY_MARGIN", float("inf"))  # every sample a near-tie
+    with pytest.raises(VlmoptError, match="could not be checked"):
+        check_parity(wrong, other, other_batch, ["a", "b", "c", "d"])
 
 
 @pytest.mark.parametrize("mode,op,min_agree", [("int8", "DynamicQuantizeMatMul", 0.75),

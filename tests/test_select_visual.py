@@ -156,6 +156,34 @@ def test_diversity_selection_never_picks_a_token_twice_among_duplicates():
     assert chosen == _greedy_max_min(emb.double().numpy(), 5, "isolated") == {0, 1, 2, 3, 4}
 
 
+def test_decision_margin_is_the_smallest_winning_gap_of_the_greedy_path():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(2, 12, 5, generator=g, dtype=torch.float64).float()
+    hidden = torch.cat([torch.ones(2, 1, 5), emb], 1)  # one text token, then 12 visual
+    visual = torch.tensor([[False] + [True] * 12] * 2)
+    margin = DiversityScore(12, 6, "isolated").decision_margin(hidden, visual)
+    for b in range(2):  # the gaps recomputed by hand in float64
+        e = F.normalize(emb[b].double(), dim=-1)
+        dist = 1 - e @ e.T
+        iso = (dist + torch.eye(12) * 1e9).amin(0)
+        gaps = [float(iso.topk(2).values[0] - iso.topk(2).values[1])]
+        chosen = [int(iso.argmax())]
+        mind = dist[chosen[0]].clone()
+        while len(chosen) < 6:
+            score = mind.clone()
+            score[chosen] = -float("inf")
+            top = score.topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            chosen.append(int(score.argmax()))
+            mind = torch.minimum(mind, dist[chosen[-1]])
+        assert margin[b].item() == pytest.approx(min(gaps), abs=1e-5)
+    # duplicates are exact ties: no margin at all
+    a, c = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    dup = torch.cat([torch.ones(1, 3), torch.tensor([a, a, c, a])])[None]
+    vis = torch.tensor([[False, True, True, True, True]])
+    assert DiversityScore(4, 3, "isolated").decision_margin(dup, vis).item() == 0.0
+
+
 def test_pool_equals_avg_pool2d_on_the_grid_when_windows_are_exact(tiny):
     model, batch = tiny
     gm, _ = run_passes(capture(model), [("select_visual", sv.Config("pool", 49))],

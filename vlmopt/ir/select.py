@@ -146,16 +146,37 @@ class DiversityScore(nn.Module):
         self.n_visual, self.keep, self.start = n_visual, keep, start
 
     def forward(self, hidden: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+        chosen, _ = self._greedy(hidden, visual_mask, margins=False)
+        return to_slots(chosen.to(hidden.dtype), visual_mask)
+
+    @torch.no_grad()
+    def decision_margin(self, hidden: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+        """Per sample [B]: the smallest gap between the winner and the runner-up over every
+        greedy pick. Rounding differences between runtimes can flip a pick whose gap is below
+        them, so export parity is checked on samples with clear margins (emit.calib_batch).
+        PyTorch only; never part of the exported graph."""
+        return self._greedy(hidden, visual_mask, margins=True)[1]
+
+    def _greedy(self, hidden, visual_mask, margins: bool):
         E = _visual(hidden, visual_mask, self.n_visual)[0].float()  # [B, Nv, D]
         B, Nv, _ = E.shape
         En = F.normalize(E, dim=-1)
         dist = 1.0 - torch.bmm(En, En.transpose(1, 2))  # [B, Nv, Nv], rows i, columns j
+        gap = torch.full((B,), float("inf"), device=E.device) if margins else None
+
+        def pick(score):  # argmax, and the running minimum gap to the runner-up
+            nonlocal gap
+            if margins and score.shape[-1] > 1:
+                top = score.topk(2, dim=-1).values
+                gap = torch.minimum(gap, top[:, 0] - top[:, 1])
+            return score.argmax(-1)
+
         if self.start == "isolated":
             eye = torch.eye(Nv, dtype=torch.bool, device=E.device)
-            first = dist.masked_fill(eye, float("inf")).amin(1).argmax(-1)  # [B]
+            first = pick(dist.masked_fill(eye, float("inf")).amin(1))  # [B]
         else:
             c = F.normalize(E.mean(1), dim=-1)  # [B, D]
-            first = (En * c[:, None]).sum(-1).argmax(-1)
+            first = pick((En * c[:, None]).sum(-1))
         chosen = torch.zeros(B, Nv, dtype=torch.bool, device=E.device)
         rows = dist.gather(1, first[:, None, None].expand(B, 1, Nv))[:, 0]  # [B, Nv]
         if self.keep:
@@ -163,10 +184,10 @@ class DiversityScore(nn.Module):
         mind = rows
         for _ in range(self.keep - 1):  # NOTE: sequential by nature; static count
             # chosen tokens are excluded explicitly so exact duplicates cannot be picked twice
-            j = mind.masked_fill(chosen, float("-inf")).argmax(-1)  # [B]
+            j = pick(mind.masked_fill(chosen, float("-inf")))
             chosen = chosen.scatter(1, j[:, None], True)
             mind = torch.minimum(mind, dist.gather(1, j[:, None, None].expand(B, 1, Nv))[:, 0])
-        return to_slots(chosen.to(hidden.dtype), visual_mask)
+        return chosen, gap
 
 
 def pool_slots(side: int, g: int) -> list[int]:
