@@ -6,8 +6,9 @@ same FLOPs; the default run <= 3 minutes on 2 CPU cores).
                                       [--strategy joint] [--json] [--save FILE]
 
 Each target is one full ``vlmopt optimize`` run (search, baselines, held-out evaluation on
-``builtin:synthvqa-test``, report) in a fresh temporary directory; its wall time is measured
-around the whole run. Prints one table per target and the pass/fail of each target.
+``builtin:synthvqa-test``, ONNX export with its parity check, report) in a fresh temporary
+directory, exactly what the default command does; its wall time is measured around the whole
+run (--no-emit leaves the export out). Prints one table per target and the pass/fail of each target.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     ap.add_argument("--strategy", default="joint")
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--no-emit", action="store_true", help="skip the ONNX export")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -42,7 +44,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             opts = Options(model=args.model, target=target, out=Path(d) / "out",
                            scope=args.scope, strategy=args.strategy, trials=args.trials,
-                           eval_limit=args.eval_limit, emit=False)
+                           eval_limit=args.eval_limit, emit=not args.no_emit)
             t0 = time.perf_counter()
             try:
                 r = optimize(opts, stage=lambda m, t=target: print(f"  [{t}] {m}",
@@ -51,6 +53,8 @@ def main() -> int:
                 print(f"vlmopt: error: {e}", file=sys.stderr)
                 return 2
             wall = time.perf_counter() - t0
+            parity = None if args.no_emit else json.loads(
+                (opts.out / "manifest.json").read_text())["parity"]
         rows = [m for m in r["methods"] if m.get("eval")]
         orig = next(m for m in rows if m["method"] == "original")["eval"]["accuracy"]
         ours = next(m for m in rows if m["method"].startswith("vlmopt"))
@@ -67,7 +71,8 @@ def main() -> int:
                             "ratio_llm": m["ratio_llm"], "ratio_total": m["ratio_total"]}
                            for m in rows],
                "unreachable": [m["method"] for m in r["methods"] if m.get("unreachable")],
-               "plan": r["plan"]["passes"]}
+               "plan": r["plan"]["passes"], "emitted": not args.no_emit,
+               "parity": parity}
         results.append(res)
         if not args.json:
             print(f"\ntarget {target} ({args.scope} FLOPs), {r['n_eval']} held-out questions, "
