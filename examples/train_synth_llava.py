@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,8 +51,9 @@ def encode(tokenizer, prompt: str, answer: str | None, n_image: int, image_id: i
 
 def relevance(s, patch: int) -> np.ndarray:
     """Per-patch grounding labels [G, G] for one sample: 1 on the patches of what the question
-    asks about (the object(s), the glyph tile), 2 on a spatial question's reference object,
-    0 elsewhere. Derived from the question text and the scene (training-only supervision)."""
+    asks about (the object(s), the patch with the glyph's ink), 2 on a spatial question's
+    reference object, 0 elsewhere. Derived from the question text and the scene (training-only
+    supervision)."""
     words = s.question.rstrip("?").lower().split()
     objs = s.scene.objects
 
@@ -73,8 +75,9 @@ def relevance(s, patch: int) -> np.ndarray:
     out = np.zeros_like(lab)
     for i, v in tag.items():
         out[lab == i + 1] = v
-    if s.type == "glyph":
-        out[lab == 255] = 1
+    if s.type == "glyph":  # the patch holding the ink (it lies inside one patch)
+        gx, gy = s.scene.glyph_xy
+        out[(gy + 2 + 3) // patch, (gx + 2 + 2) // patch] = 1
     return out
 
 
@@ -129,6 +132,11 @@ def main() -> None:
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     ap.add_argument("--ground-weight", type=float, default=0.0,
                     help="weight of the grounding loss (which patches the question is about)")
+    ap.add_argument("--attn-weight", type=float, default=0.0,
+                    help="weight of the attention loss: in the upper half of the decoder, "
+                    "head 0 of the answer position attends to what the question is about")
+    ap.add_argument("--type-weights", help="sample question types unevenly, e.g. "
+                    "'glyph=3,shape=2' (others 1): more practice where accuracy lags")
     ap.add_argument("--curriculum", type=int, default=0,
                     help="for this many steps scenes hold fewer objects (2-3 at first, growing "
                     "to the full 3-8): an easy read-out signal before the crowded scenes")
@@ -153,10 +161,14 @@ def main() -> None:
     processor = synth_llava.make_processor(vocab)
     tok = processor.tokenizer
     n_image, image_id = cfg.image_seq_length, cfg.image_token_id
+    attn = {"attn_implementation": "eager"} if args.attn_weight else {}  # returns the weights
     if args.init:
-        model = LlavaForConditionalGeneration.from_pretrained(args.init, use_safetensors=True)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, use_safetensors=True,
+                                                              **attn)
         model = model.to(device)
     else:
+        if args.attn_weight:
+            cfg._attn_implementation = "eager"
         model = LlavaForConditionalGeneration(cfg).to(device)
     model.train()
     n_cls = (len(synthvqa.COLOURS) + 1, len(synthvqa.SHAPES) + 1, len(synthvqa.GLYPHS) + 1)
@@ -226,6 +238,15 @@ def main() -> None:
 
     # held-out monitor: a stream with its own seed (neither train, calib nor test)
     held = [synthvqa.sample(7_777_777, i) for i in range(350)]
+    n_types = len(synthvqa.QUESTION_TYPES)
+    weights = None
+    if args.type_weights:
+        given = dict(kv.split("=") for kv in args.type_weights.split(","))
+        unknown = set(given) - set(synthvqa.QUESTION_TYPES)
+        if unknown:
+            ap.error(f"--type-weights: unknown question type(s) {sorted(unknown)}")
+        weights = [float(given.get(t, 1.0)) for t in synthvqa.QUESTION_TYPES]
+    type_rng, type_next = random.Random(args.seed), [0] * n_types
     run_loss = 0.0
     for step in range(min(args.steps, args.stop_after or args.steps)):
         for g in opt.param_groups:
@@ -233,12 +254,19 @@ def main() -> None:
         objects = (3, 8)
         if step < args.curriculum:
             objects = (2, min(8, 3 + 6 * step // args.curriculum))
-        samples = [synthvqa.sample(train_seed, step * args.batch_size + j, objects)
-                   for j in range(args.batch_size)]
+        if weights is None:
+            idx = [step * args.batch_size + j for j in range(args.batch_size)]
+        else:  # stream index 7 m + t is a question of type t: draw types, then take the next m
+            types = type_rng.choices(range(n_types), weights=weights, k=args.batch_size)
+            idx = []
+            for t in types:
+                idx.append(n_types * type_next[t] + t)
+                type_next[t] += 1
+        samples = [synthvqa.sample(train_seed, i, objects) for i in idx]
         ids, mask, pos, pv = batch(samples, tok, n_image, image_id)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=pos.to(device), pixel_values=pv.to(device), logits_to_keep=3,
-                    output_hidden_states=True)
+                    output_hidden_states=True, output_attentions=bool(args.attn_weight))
         logits = out.logits[:, :2].float()  # predicts answer, then eos
         target = ids[:, -2:].to(device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
@@ -246,8 +274,17 @@ def main() -> None:
         feats = seen.pop("feats")[:, 1:]  # [B, Nv, Dv], patches in row-major order
         last = out.hidden_states[-1]  # [B, T, D]
         vis = last[ids.to(device) == image_id].view(len(samples), n_image, -1)  # [B, Nv, D]
+        rel = torch.from_numpy(np.stack([relevance(x, synth_llava.PATCH) for x in samples]))
+        if args.attn_weight:  # [B, H, T, T] per layer; the answer is predicted at T - 3
+            want = (rel.flatten(1) > 0).float().to(device)  # [B, Nv] what the question is about
+            want = want / want.sum(-1, keepdim=True).clamp(min=1)
+            is_img = ids.to(device) == image_id
+            for a in out.attentions[mid:]:
+                row = a[:, 0, -3]  # [B, T]: head 0, the answer position's attention
+                got = row[is_img].view(len(samples), n_image)
+                loss = loss - args.attn_weight / (len(out.attentions) - mid) * (
+                    want * torch.log(got + 1e-6)).sum(-1).mean()
         if args.ground_weight:
-            rel = torch.from_numpy(np.stack([relevance(x, synth_llava.PATCH) for x in samples]))
             mid_vis = out.hidden_states[mid][ids.to(device) == image_id]  # [B * Nv, D]
             loss = loss + args.ground_weight * F.cross_entropy(
                 ground(mid_vis), rel.flatten().to(device),
