@@ -134,7 +134,8 @@ def main() -> None:
                     help="weight of the grounding loss (which patches the question is about)")
     ap.add_argument("--attn-weight", type=float, default=0.0,
                     help="weight of the attention loss: in the upper half of the decoder, "
-                    "head 0 of the answer position attends to what the question is about")
+                    "head 0 of the answer position attends to what the question is about, "
+                    "head 1 to a spatial question's reference object")
     ap.add_argument("--type-weights", help="sample question types unevenly, e.g. "
                     "'glyph=3,shape=2' (others 1): more practice where accuracy lags")
     ap.add_argument("--curriculum", type=int, default=0,
@@ -276,14 +277,15 @@ def main() -> None:
         vis = last[ids.to(device) == image_id].view(len(samples), n_image, -1)  # [B, Nv, D]
         rel = torch.from_numpy(np.stack([relevance(x, synth_llava.PATCH) for x in samples]))
         if args.attn_weight:  # [B, H, T, T] per layer; the answer is predicted at T - 3
-            want = (rel.flatten(1) > 0).float().to(device)  # [B, Nv] what the question is about
-            want = want / want.sum(-1, keepdim=True).clamp(min=1)
             is_img = ids.to(device) == image_id
-            for a in out.attentions[mid:]:
-                row = a[:, 0, -3]  # [B, T]: head 0, the answer position's attention
-                got = row[is_img].view(len(samples), n_image)
-                loss = loss - args.attn_weight / (len(out.attentions) - mid) * (
-                    want * torch.log(got + 1e-6)).sum(-1).mean()
+            # head 0: what the question is about; head 1: a spatial question's reference
+            for head, label in ((0, 1), (1, 2)):
+                want = (rel.flatten(1) == label).float().to(device)  # [B, Nv]
+                want = want / want.sum(-1, keepdim=True).clamp(min=1)
+                for a in out.attentions[mid:]:
+                    got = a[:, head, -3][is_img].view(len(samples), n_image)
+                    loss = loss - args.attn_weight / (len(out.attentions) - mid) * (
+                        want * torch.log(got + 1e-6)).sum(-1).mean()
         if args.ground_weight:
             mid_vis = out.hidden_states[mid][ids.to(device) == image_id]  # [B * Nv, D]
             loss = loss + args.ground_weight * F.cross_entropy(
