@@ -155,7 +155,8 @@ def test_builtin_split_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMOPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(synthvqa.SPLIT_SIZES, "calib", 4)
     recs = load_records("builtin:synthvqa-calib")
-    path = tmp_path / "cache" / f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}" / "data.jsonl"
+    name = f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}-n4"
+    path = tmp_path / "cache" / name / "data.jsonl"
     assert path.is_file() and len(recs) == 4
     seed = synthvqa.SPLIT_SEEDS["calib"]
     for i, r in enumerate(recs):
@@ -165,6 +166,5 @@ def test_builtin_split_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert dataset.builtin_split("calib") == path
     assert path.stat().st_mtime_ns == mtime  # reused, not regenerated
-    expected = [f"synthvqa-calib-v{synthvqa.GENERATOR_VERSION}"]
-    assert [p.name for p in path.parent.parent.iterdir()] == expected  # no temp dirs
+    assert [p.name for p in path.parent.parent.iterdir()] == [name]  # no temp dirs
     assert json.loads(path.read_text().splitlines()[0])["image"] == "images/00000.png"

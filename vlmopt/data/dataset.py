@@ -49,14 +49,15 @@ def cache_dir() -> Path:
 
 def builtin_split(split: str) -> Path:
     """Path of the data.jsonl of a fixed SynthVQA split, generating it on first use."""
-    d = cache_dir() / f"synthvqa-{split}-v{synthvqa.GENERATOR_VERSION}"
+    n = synthvqa.SPLIT_SIZES[split]  # in the name too: a resized split is another dataset
+    d = cache_dir() / f"synthvqa-{split}-v{synthvqa.GENERATOR_VERSION}-n{n}"
     if (d / "data.jsonl").exists():
         return d / "data.jsonl"
     d.parent.mkdir(parents=True, exist_ok=True)
     log.info("generating SynthVQA %s split into %s", split, d)
     tmp = Path(tempfile.mkdtemp(prefix=d.name + ".", dir=d.parent))
     try:
-        synthvqa.write_dataset(tmp, synthvqa.SPLIT_SIZES[split], synthvqa.SPLIT_SEEDS[split])
+        synthvqa.write_dataset(tmp, n, synthvqa.SPLIT_SEEDS[split])
         try:
             tmp.rename(d)  # NOTE: atomic publish; a concurrent writer may have won the race
         except OSError:
