@@ -120,15 +120,23 @@ def joint(ctx: Context, n_trials: int, *, freeze_order: list[str],
              {"select": "none", "k": 2.0, "r_min": 0.1, "frozen": max_frozen // 2,
               "scorer": "text_mean"}]
     for method in select_methods[1:]:  # each input-level method at the most tokens that fit
-        def flat(c, method=method):
-            return Candidate(snap([c] * L, N, method), method)
+        # ... alone, and with the 2 or 4 lowest-contribution layers frozen (ShortV), which
+        # frees budget for more tokens everywhere
+        for n_frozen in (0, 2, 4)[:1 + 2 * (max_frozen >= 2)]:
+            frozen = tuple(freeze_order[:min(n_frozen, max_frozen)])
 
-        c = sp.fit(flat, 1, N, ctx.target, ctx.scope, integer=True)
-        if c is not None:
+            def flat(c, method=method, frozen=frozen):
+                return Candidate(snap([c] * L, N, method), method, frozen)
+
+            c = sp.fit(flat, 1, N, ctx.target, ctx.scope, integer=True)
+            if c is None:
+                continue
             c = flat(c).counts[0]
-            seeds.append({**base, "select": method, "keep0": max(0.02, c / N), "r_min": 1.0})
-            seeds.append({**base, "select": method, "keep0": min(1.0, 2 * c / N), "k": 2.0,
-                          "r_min": 0.1})
+            seeds.append({**base, "select": method, "keep0": max(0.02, c / N), "r_min": 1.0,
+                          "frozen": len(frozen)})
+            if not n_frozen:
+                seeds.append({**base, "select": method, "keep0": min(1.0, 2 * c / N),
+                              "k": 2.0, "r_min": 0.1})
     _optimize(ctx, objective, n_trials, "joint", seeds=seeds)
     return ctx.best
 
