@@ -46,6 +46,19 @@ class TrialRecord:
                 "metrics": self.metrics.to_json() if self.metrics else None}
 
 
+def choose(records: list[TrialRecord], n: int) -> TrialRecord | None:
+    """Calibration fidelity moves in steps of one answer (1/n); feasible plans within one step
+    of the best are indistinguishable by it, so among them the one whose answer distribution
+    stays closest to the original's (lowest KL, a far less noisy signal that tracks held-out
+    accuracy on the built-in model) is chosen."""
+    ok = [r for r in records if r.feasible]
+    if not ok:
+        return None
+    top = max(r.metrics.fidelity for r in ok)
+    near = [r for r in ok if r.metrics.fidelity >= top - 1.0 / max(1, n) - 1e-12]
+    return min(near, key=lambda r: (r.metrics.kl, -r.metrics.fidelity, -r.ratio_llm))
+
+
 def open_study(storage: str, name: str, seed: int) -> optuna.Study:
     """Create or load the study; an unreachable storage is one clear error."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -92,6 +105,10 @@ class Context:
     def best(self) -> TrialRecord | None:
         ok = [r for r in self.records if r.feasible]
         return max(ok, key=lambda r: (r.metrics.score, -r.ratio_llm)) if ok else None
+
+    def choose(self) -> TrialRecord | None:
+        """The plan to ship: ``choose`` over this run's records."""
+        return choose(self.records, len(self.evaluator.records))
 
     def feasible(self, cand: Candidate) -> bool:
         return self.space.ratio(cand, self.scope) <= self.target + 1e-12

@@ -170,3 +170,18 @@ def test_cached_evaluation_equals_a_plain_run_of_each_graph(loaded_tiny, synth_d
     m = ev.evaluate([])
     assert m.agreement == 1.0 and m.kl == 0.0 and m.accuracy is not None
     assert math.isfinite(ev.evaluate(plans[1]).kl)
+
+
+def test_choose_takes_the_lowest_kl_within_one_calibration_answer_of_the_best():
+    from vlmopt.search.evaluator import Metrics
+    from vlmopt.search.study import TrialRecord, choose
+
+    def rec(i, acc, kl, within=True):
+        return TrialRecord(i, "joint", [], [], 0.3, 0.4, Metrics(acc, 1.0, kl), within)
+
+    n = 100  # one answer = 0.01
+    recs = [rec(0, 0.90, 0.05), rec(1, 0.89, 0.02), rec(2, 0.88, 0.001),
+            rec(3, 0.95, 0.0, within=False)]
+    assert choose(recs, n).number == 1  # within one answer, lower KL; 2 is two answers down
+    assert choose(recs[:1] + recs[2:], n).number == 0
+    assert choose([rec(4, 0.5, 0.0, within=False)], n) is None

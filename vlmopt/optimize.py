@@ -206,7 +206,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         strategies.psigmoid(ctx, opts.trials)
     else:
         strategies.joint(ctx, opts.trials, freeze_order=order)
-    best = ctx.best
+    best = ctx.choose()
     if best is None:
         raise VlmoptError(f"no plan within --target-flops {opts.target} was found")
     t_search = time.perf_counter() - t_start
