@@ -76,8 +76,7 @@ def relevance(s, patch: int) -> np.ndarray:
     for i, v in tag.items():
         out[lab == i + 1] = v
     if s.type == "glyph":  # the patch holding the ink (it lies inside one patch)
-        gx, gy = s.scene.glyph_xy
-        out[(gy + 2 + 3) // patch, (gx + 2 + 2) // patch] = 1
+        out[synthvqa.glyph_patch(s.scene, patch)] = 1
     return out
 
 
@@ -152,6 +151,21 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, help="stop (and save) after this many steps of "
                     "the --steps schedule")
     args = ap.parse_args()
+    n_types = len(synthvqa.QUESTION_TYPES)
+    weights = None
+    if args.type_weights:
+        given = {}
+        for kv in args.type_weights.split(","):
+            t, _, w = kv.partition("=")
+            try:
+                given[t.strip()] = float(w)
+            except ValueError:
+                ap.error(f"--type-weights: expected TYPE=WEIGHT, got {kv!r}")
+        unknown = set(given) - set(synthvqa.QUESTION_TYPES)
+        if unknown or any(w < 0 for w in given.values()):
+            ap.error(f"--type-weights: unknown question type(s) {sorted(unknown)} or a negative "
+                     f"weight; types: {', '.join(synthvqa.QUESTION_TYPES)}")
+        weights = [given.get(t, 1.0) for t in synthvqa.QUESTION_TYPES]
 
     from transformers import LlavaForConditionalGeneration
 
@@ -239,14 +253,6 @@ def main() -> None:
 
     # held-out monitor: a stream with its own seed (neither train, calib nor test)
     held = [synthvqa.sample(7_777_777, i) for i in range(350)]
-    n_types = len(synthvqa.QUESTION_TYPES)
-    weights = None
-    if args.type_weights:
-        given = dict(kv.split("=") for kv in args.type_weights.split(","))
-        unknown = set(given) - set(synthvqa.QUESTION_TYPES)
-        if unknown:
-            ap.error(f"--type-weights: unknown question type(s) {sorted(unknown)}")
-        weights = [float(given.get(t, 1.0)) for t in synthvqa.QUESTION_TYPES]
     type_rng, type_next = random.Random(args.seed), [0] * n_types
     run_loss = 0.0
     for step in range(min(args.steps, args.stop_after or args.steps)):

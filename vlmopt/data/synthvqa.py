@@ -179,8 +179,14 @@ def patch_labels(scene: Scene, patch: int, owners: bool = False) -> np.ndarray:
                 out[0, r, c] = 1 + colours.index(o.colour)
                 out[1, r, c] = 1 + SHAPES.index(o.shape)
     # the glyph's id goes on the patch that holds its ink (whole when patch == INK_CELL)
-    out[2, (gy + 2 + 3) // patch, (gx + 2 + 2) // patch] = 1 + glyphs.index(scene.glyph)
+    out[2][glyph_patch(scene, patch)] = 1 + glyphs.index(scene.glyph)
     return own if owners else out
+
+
+def glyph_patch(scene: Scene, patch: int) -> tuple[int, int]:
+    """(row, column) of the patch under the centre of the glyph's 5x7 ink."""
+    gx, gy = scene.glyph_xy
+    return (gy + 2 + 3) // patch, (gx + 2 + 2) // patch
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, fill: int) -> None:
