@@ -2,8 +2,9 @@
 
     python examples/bench_compress.py [MODEL] [--limit N] [--json]
 
-Rows: the original; W_q/W_k at 25% of their parameters (CASP's setting; whitened SVD, and the
-plain SVD for comparison); int8 and int4 weights everywhere (decoder, projector, LM head); and a
+Rows: the original; W_q/W_k at 25% of their parameters (CASP's setting; whitened SVD with the
+default modality-balanced statistics, the published all-token statistics, and the plain SVD for
+comparison); int8 and int4 weights everywhere (decoder, projector, LM head); and a
 CASP-style mixed allocation (Q/K at 25%, then bits per layer from each layer's measured int4
 sensitivity under a byte budget, Q/K factors favoured). Each row: held-out accuracy, agreement
 with the original, weight bytes and prefill FLOPs relative to the original, and (unless
@@ -66,10 +67,12 @@ def main() -> int:
     g = args.group_size
     calib = {"calib": args.calib, "calib_samples": args.calib_samples}
     qk = ("lowrank_qk", lowrank_qk.casp(args.qk_ratio, **calib))
+    qk_token = ("lowrank_qk", lowrank_qk.casp(args.qk_ratio, weighting="token", **calib))
     qk_plain = ("lowrank_qk", lowrank_qk.casp(args.qk_ratio, whiten=False))
     configs = {
         "original": [],
         f"Q/K {args.qk_ratio:.0%} params (whitened SVD)": [qk],
+        f"Q/K {args.qk_ratio:.0%} (whitened, all-token G)": [qk_token],
         f"Q/K {args.qk_ratio:.0%} params (plain SVD)": [qk_plain],
         f"int8 everywhere (g={g})": [("quantize", quantize.uniform(8, g, True, True))],
         f"int4 everywhere (g={g})": [("quantize", quantize.uniform(4, g, True, True))],

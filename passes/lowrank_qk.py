@@ -12,6 +12,11 @@ node's meta records ``q_rank``/``k_rank`` for the cost model. Shared modules are
 the layer is copied (frozen ShortV layers too - this pass runs after freeze_visual) and the
 node retargeted. Token counts, positions and KV shapes are unchanged.
 
+Weighting (``weighting``): "modality" (default) takes G = (G_visual + G_text) / 2, each
+modality's own second moment, instead of the published all-token mean ("token"), in which the
+~14x more numerous visual tokens drown the text tokens whose queries decide the answer; see
+vlmopt.calib_stats.whitening_covariance for why and what it costs on the built-in model.
+
 Calibration (``whiten``): the config names the data (``calib``, ``calib_samples``), never a
 file of statistics, so ``vlmopt apply plan.json MODEL`` recomputes the same covariances from the
 plan alone; they come from vlmopt.calib_stats (the ORIGINAL model's activations, cached per
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from vlmopt.calib_stats import WEIGHTINGS, covariances_for_graph, whitening_covariance
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.lowrank import LowRankLinear, factorize, rank_for_ratio
 from vlmopt.ir.weights import check_all_match, check_selectors, resolve, retarget
@@ -59,6 +65,7 @@ class Config:
     calib: str = "builtin:synthvqa-calib"  # dataset spec the covariances are computed on
     calib_samples: int = 32  # its first N records
     damp: float = 0.01  # Cholesky damping, relative to the mean diagonal of G
+    weighting: str = "modality"  # G over tokens: "modality" (visual/text halves) or "token"
 
     def __post_init__(self):
         for p in PROJ:
@@ -76,6 +83,9 @@ class Config:
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or not 0 <= self.damp < 1:
             raise ValueError(f"field 'damp' must be a number in [0, 1), got {self.damp!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"field 'weighting' must be one of {', '.join(WEIGHTINGS)}, "
+                             f"got {self.weighting!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -129,11 +139,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         cov = None
         if config.whiten and not lins["q"].weight.is_meta:
             if covs is None:  # NOTE: one lookup per run; the statistics are cached
-                from vlmopt.calib_stats import covariances_for_graph
-
                 covs = covariances_for_graph(gm, config.calib, config.calib_samples,
                                              who="lowrank_qk")
-            cov = covs[name]
+            cov = whitening_covariance(covs, name, config.weighting)
         repl = {}
         for p, r in ranks.items():
             if r is None:
@@ -148,4 +156,6 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     gm.delete_all_unused_submodules()
     changed = bool(stats["q_rank"] or stats["k_rank"])
     stats["whitened"] = bool(config.whiten and covs is not None)
+    if stats["whitened"]:
+        stats["weighting"] = config.weighting
     return PassResult(gm, changed, stats)

@@ -147,14 +147,15 @@ def test_whitened_svd_beats_plain_svd_on_attention_scores_at_equal_rank(tmp_path
     records = load_records(data)
     base = capture(model)
     covs = calib_stats.input_covariances(base, records, processor=proc)
-    assert set(covs) == {"layer_0", "layer_1"} and covs["layer_0"].shape == (32, 32)
+    assert set(covs) == {f"layer_{i}{m}" for i in (0, 1) for m in ("", ".visual", ".text")}
+    assert covs["layer_0"].shape == (32, 32)
     errs = {}
     for whiten in (False, True):
         gm = capture(model)
         for node in decoder_nodes(gm):  # the pass's factorisation, with these statistics
             name = f"layer_{node.meta['vlmopt']['layer']}"
             attn = gm.get_submodule(node.target).layer.self_attn
-            cov = covs[name] if whiten else None
+            cov = calib_stats.whitening_covariance(covs, name) if whiten else None
             node.target = f"lr_{name}"
             gm.add_submodule(node.target, replace_submodules(
                 gm.get_submodule(name), {"layer.self_attn.q_proj": factorize(attn.q_proj, 6, cov),
@@ -164,6 +165,27 @@ def test_whitened_svd_beats_plain_svd_on_attention_scores_at_equal_rank(tmp_path
     msg = f"relative q.k^T error at rank 6: plain {errs[False]:.4f}, whitened {errs[True]:.4f}"
     print(msg)
     assert errs[True] < 0.9 * errs[False], msg
+
+
+def test_modality_statistics_split_the_all_token_moment_and_weight_it_evenly(tmp_path):
+    model, _ = tiny_model_and_batch(n_layers=2, kv_heads=2, seed=4, data_seed=9, n=4)
+    proc = synth_llava.make_processor(make_tiny_config()[1])
+    records = load_records(synthvqa.write_dataset(tmp_path / "calib", 6, seed=3))
+    covs = calib_stats.input_covariances(capture(model), records, processor=proc)
+    batch = inputs.encode(proc, [r.prompt for r in records], [r.load_image() for r in records])
+    real = batch["attention_mask"].bool()
+    n_vis = int((real & (batch["input_ids"] == model.config.image_token_index)).sum())
+    w = n_vis / int(real.sum())  # the visual share of the calibration tokens
+    for name in ("layer_0", "layer_1"):
+        vis, text = covs[f"{name}.visual"], covs[f"{name}.text"]
+        assert torch.allclose(covs[name], w * vis + (1 - w) * text, atol=1e-5)
+        assert not torch.allclose(vis, text, atol=1e-3)
+        assert torch.equal(calib_stats.whitening_covariance(covs, name, "token"), covs[name])
+        assert torch.allclose(calib_stats.whitening_covariance(covs, name), (vis + text) / 2)
+    with pytest.raises(ValueError, match="weighting"):
+        calib_stats.whitening_covariance(covs, "layer_0", "tokens")
+    with pytest.raises(ValueError, match="field 'weighting'"):
+        lr.Config(q_rank={"_default": 4}, weighting="tokens")
 
 
 def test_pass_rebuilds_whitening_statistics_from_the_plan_alone(tiny_llava, synth_data, tmp_path,
