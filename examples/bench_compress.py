@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16, help="text tokens per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", type=Path, help="also write the JSON results here")
+    ap.add_argument("--markdown", type=Path, help="also write the table as a Markdown report")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -116,6 +117,9 @@ def main() -> int:
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(res, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(res, args))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -135,6 +139,37 @@ def main() -> int:
         print(f"latency: ONNX Runtime CPU, {args.threads} threads, batch 1, "
               f"{args.prompt_tokens} text tokens, median of {args.repeats} interleaved rounds")
     return 0
+
+
+def markdown(res: dict, args) -> str:
+    """The weight-compression report: one row per config, as printed."""
+    base = res["rows"][0]["accuracy"]
+    lines = [f"# Weight compression: {res['model']}", "",
+             f"Held-out {res['data']} ({res['n']} questions); whitening statistics from "
+             f"{args.calib_samples} samples of {args.calib}; group size {args.group_size}. "
+             "Command: `python examples/bench_compress.py "
+             + " ".join(__import__("shlex").quote(a) for a in sys.argv[1:]) + "`.", ""]
+    lat = "latency" in res
+    head = "| config | accuracy | delta (points) | agreement | KL | weight MiB | weight ratio |"
+    lines += [head + (" prefill ms | decode ms/token |" if lat else ""),
+              "|" + " --- |" * (7 + 2 * lat)]
+    for r in res["rows"]:
+        acc = r["accuracy"] if r["accuracy"] is not None else float("nan")
+        row = (f"| {r['config']} | {100 * acc:.1f} | {100 * (acc - base):+.1f} | "
+               f"{100 * r['agreement']:.1f} | {r['kl']:.4f} | {r['weight_bytes'] / 2**20:.2f} | "
+               f"{r['weight_ratio']:.3f} |")
+        if lat:
+            row += f" {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} |"
+        lines.append(row)
+    if lat:
+        L = res["latency"]
+        lines += ["", f"Latency: {L['runtime']}, {L['threads']} threads, batch {L['batch']}, "
+                  f"{L['prompt_tokens']} text tokens, {L['decode_tokens']} decode tokens, median "
+                  f"of {L['repeats']} interleaved rounds; every config exported with `emit` "
+                  "(quantized layers as MatMulNBits) and parity-checked first."]
+    lines += ["", "Mixed bits per layer: " + ", ".join(f"{k}={v}" for k, v in
+                                                    res["mixed_bits"].items())]
+    return "\n".join(lines) + "\n"
 
 
 def latency(lm, configs: dict, args) -> dict:

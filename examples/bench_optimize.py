@@ -67,7 +67,12 @@ def main() -> int:
                "latency_ratio": r["latency_ratio"], "best_baseline_accuracy": best_base,
                "beats_every_baseline": all(ours["eval"]["accuracy"] > m["eval"]["accuracy"]
                                            for m in base),
+               "margin_answers": round((ours["eval"]["accuracy"] - best_base) * r["n_eval"]),
+               "n_eval": r["n_eval"], "n_calib": r["n_calib"], "n_search": r.get("n_search"),
                "methods": [{"method": m["method"], "accuracy": m["eval"]["accuracy"],
+                            "correct": round(m["eval"]["accuracy"] * r["n_eval"]),
+                            "agreement": m["eval"]["agreement"], "kl": m["eval"]["kl"],
+                            "calib_fidelity": m["calib"]["fidelity"], "calib_kl": m["calib"]["kl"],
                             "ratio_llm": m["ratio_llm"], "ratio_total": m["ratio_total"]}
                            for m in rows],
                "unreachable": [m["method"] for m in r["methods"] if m.get("unreachable")],
@@ -77,9 +82,11 @@ def main() -> int:
         if not args.json:
             print(f"\ntarget {target} ({args.scope} FLOPs), {r['n_eval']} held-out questions, "
                   f"optimize wall time {wall:.0f} s")
-            print(f"  {'method':<24} {'accuracy':>9} {'LLM FLOPs':>10} {'total FLOPs':>12}")
+            print(f"  {'method':<34} {'accuracy':>9} {'correct':>8} {'agree':>6} {'KL':>7} "
+                  f"{'LLM FLOPs':>10} {'total FLOPs':>12}")
             for m in res["methods"]:
-                print(f"  {m['method']:<24} {m['accuracy']:>9.3f} {m['ratio_llm']:>10.3f} "
+                print(f"  {m['method']:<34} {m['accuracy']:>9.4f} {m['correct']:>8d} "
+                      f"{m['agreement']:>6.3f} {m['kl']:>7.4f} {m['ratio_llm']:>10.3f} "
                       f"{m['ratio_total']:>12.3f}")
             for name in res["unreachable"]:
                 print(f"  {name:<24} cannot reach this target")
@@ -87,7 +94,8 @@ def main() -> int:
             print(f"  accuracy / original = {res['relative']:.3f}"
                   + (f" (goal >= {goal}: {'met' if res['relative'] >= goal else 'NOT met'})"
                      if goal else "")
-                  + f"; beats every baseline: {res['beats_every_baseline']}"
+                  + f"; beats every baseline: {res['beats_every_baseline']} (by "
+                  f"{res['margin_answers']:+d} of {res['n_eval']} answers)"
                   + f"; measured prefill latency ratio {res['latency_ratio']:.3f}")
     if args.json:
         print(json.dumps(results, indent=2))

@@ -59,6 +59,24 @@ def choose(records: list[TrialRecord], n: int) -> TrialRecord | None:
     return min(near, key=lambda r: (r.metrics.kl, -r.metrics.fidelity, -r.ratio_llm))
 
 
+def finalists(records: list[TrialRecord], k: int) -> list[TrialRecord]:
+    """The ``k`` best distinct feasible plans by screening score (fidelity, ties by KL): the
+    plans worth measuring again on more calibration samples."""
+    from vlmopt.search.evaluator import plan_hash
+
+    ok = sorted((r for r in records if r.feasible),
+                key=lambda r: (-r.metrics.score, -r.ratio_llm, r.number))
+    seen, out = set(), []
+    for r in ok:
+        key = plan_hash(r.steps)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+        if len(out) == k:
+            break
+    return out
+
+
 def open_study(storage: str, name: str, seed: int) -> optuna.Study:
     """Create or load the study; an unreachable storage is one clear error."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)

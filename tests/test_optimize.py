@@ -67,6 +67,24 @@ def test_report_html_is_self_contained_with_plots_and_tables(finished):
     assert "| vlmopt (joint) |" in md
 
 
+def test_finalists_are_re_ranked_on_the_whole_calibration_set(tiny_llava, synth_data, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(tiny_llava, synth_data, out, "--search-samples", "4",
+                      "--finalists", "3")) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert (r["n_search"], r["n_calib"]) == (4, 10)
+    assert 1 <= len(r["finalists"]) <= 3
+    chosen = [f for f in r["finalists"] if f["steps"] == r["chosen"]["steps"]]
+    assert chosen and chosen[0]["all"] == r["chosen"]["metrics"]  # chosen on all 10 samples
+    searched = {json.dumps(t["steps"]): t["metrics"] for t in r["trials"] if t["metrics"]}
+    for f in r["finalists"]:  # screening figures are the trials' own
+        assert searched[json.dumps(f["steps"])] == f["search"]
+    assert r["methods"][0]["calib"]["agreement"] == 1.0
+    s = min(f["all"]["fidelity"] for f in r["finalists"])  # all-sample fidelity is in 1/10s
+    assert abs(s * 10 - round(s * 10)) < 1e-9
+    assert "re-ranked" in (out / "report.md").read_text()
+
+
 def test_a_killed_run_resumes_where_it_stopped(tiny_llava, synth_data, tmp_path, monkeypatch):
     from vlmopt.search import study as study_mod
 

@@ -185,3 +185,21 @@ def test_choose_takes_the_lowest_kl_within_one_calibration_answer_of_the_best():
     assert choose(recs, n).number == 1  # within one answer, lower KL; 2 is two answers down
     assert choose(recs[:1] + recs[2:], n).number == 0
     assert choose([rec(4, 0.5, 0.0, within=False)], n) is None
+
+
+def test_finalists_are_the_best_distinct_feasible_plans_by_screening_score():
+    from vlmopt.search.evaluator import Metrics
+    from vlmopt.search.study import TrialRecord, finalists
+
+    def rec(i, steps, acc, kl, within=True, metrics=True):
+        return TrialRecord(i, "joint", steps, [], 0.3, 0.4,
+                           Metrics(acc, 1.0, kl) if metrics else None, within)
+
+    a = [("select_visual", {"method": "divprune", "keep": 50})]
+    b = [("select_visual", {"method": "divprune", "keep": 40})]
+    c = [("select_visual", {"method": "pool", "keep": 49})]
+    recs = [rec(0, a, 0.90, 0.05), rec(1, a, 0.90, 0.05),  # the same plan twice (a resume)
+            rec(2, b, 0.90, 0.01), rec(3, c, 0.80, 0.0), rec(4, [], 0.99, 0.0, within=False),
+            rec(5, [], 0.0, 0.0, metrics=False)]
+    assert [r.number for r in finalists(recs, 2)] == [2, 0]  # equal fidelity: lower KL first
+    assert [r.number for r in finalists(recs, 10)] == [2, 0, 3]

@@ -29,6 +29,7 @@ def cmd_optimize(args) -> int:
                    calib=args.calib, eval=args.eval, strategy=args.strategy, trials=args.trials,
                    seed=args.seed, storage=args.storage, study=args.study, scope=args.flops_scope,
                    objective=args.objective, calib_limit=args.calib_limit,
+                   search_samples=args.search_samples, finalists=args.finalists,
                    target_size=args.target_size,
                    eval_limit=args.eval_limit, tolerance=args.tolerance,
                    emit=not args.no_emit)
@@ -112,6 +113,11 @@ def add_parser(sub) -> None:
     o.add_argument("--tolerance", type=_float_flag("--tolerance"), default=0.01,
                    help="gsearch: fidelity drop allowed at each layer (default 0.01)")
     o.add_argument("--calib-limit", type=_positive("--calib-limit"))
+    o.add_argument("--search-samples", type=_positive("--search-samples"), default=256,
+                   help="measure each trial on the first N calibration samples (default 256) "
+                        "and re-rank the --finalists best on all of them")
+    o.add_argument("--finalists", type=_positive("--finalists"), default=8,
+                   help="plans re-measured on the whole calibration set (default 8)")
     o.add_argument("--eval-limit", type=_positive("--eval-limit"))
     o.add_argument("--no-emit", action="store_true", help="skip the ONNX package")
     o.add_argument("--json", action="store_true")

@@ -10,6 +10,7 @@ SQLite study); the results appear all at once when the run finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +45,8 @@ class Options:
     objective: str = "auto"  # auto | accuracy | agreement
     target_size: str | None = None  # weight bytes: a ratio "0.5" or bytes "4MB"; joint only
     calib_limit: int | None = None
+    search_samples: int | None = 256  # trials are measured on this many calibration samples
+    finalists: int = 8  # ... and the best this many again on all of them (None/0: no re-rank)
     eval_limit: int | None = None
     tolerance: float = 0.01  # G-Search: fidelity drop allowed per layer decision
     batch_size: int = 32
@@ -55,6 +58,7 @@ class Options:
         return {"model": fingerprint, "target": self.target, "scope": self.scope,
                 "target_size": self.target_size,
                 "calib": self.calib, "calib_limit": self.calib_limit,
+                "search_samples": self.search_samples,
                 "strategy": self.strategy, "seed": self.seed, "objective": self.objective,
                 "tolerance": self.tolerance}
 
@@ -131,7 +135,7 @@ def optimize(opts: Options, progress: Callable | None = None,
     from vlmopt.search import baselines, strategies
     from vlmopt.search.evaluator import Evaluator
     from vlmopt.search.space import Space
-    from vlmopt.search.study import Context, open_study
+    from vlmopt.search.study import Context, choose, finalists, open_study
 
     say = stage or (lambda msg: log.info(msg))
     t_start = time.perf_counter()
@@ -163,8 +167,15 @@ def optimize(opts: Options, progress: Callable | None = None,
     if lm.processor is None:
         raise VlmoptError(f"{opts.model}: no processor files; optimize needs them")
     storage, resuming = prepare_out(opts, lm.fingerprint)
-    say(f"encoding {len(calib)} calibration samples")
-    evaluator = Evaluator(lm, calib, batch_size=opts.batch_size)
+    # Racing: every trial is measured on the first ``search_samples`` calibration samples
+    # (cheap, but one answer is 1/256 of fidelity), the finalists again on all of them.
+    n_screen = min(len(calib), opts.search_samples or len(calib))
+    rerank = n_screen < len(calib) and bool(opts.finalists)
+    if not rerank:
+        n_screen = len(calib)
+    say(f"encoding {n_screen} calibration samples for the search"
+        + (f" (finalists: all {len(calib)})" if rerank else ""))
+    evaluator = Evaluator(lm, calib[:n_screen], batch_size=opts.batch_size)
     if opts.objective == "agreement":
         evaluator.labelled = False
     space = Space(lm, evaluator.n_text, evaluator)
@@ -209,8 +220,17 @@ def optimize(opts: Options, progress: Callable | None = None,
     best = ctx.choose()
     if best is None:
         raise VlmoptError(f"no plan within --target-flops {opts.target} was found")
-    t_search = time.perf_counter() - t_start
     n_search = evaluator.n_evaluated
+    final, reranked = evaluator, []
+    if rerank:
+        fin = finalists(ctx.records, opts.finalists)
+        say(f"re-ranking the {len(fin)} best plans on all {len(calib)} calibration samples")
+        final = Evaluator(lm, calib, batch_size=opts.batch_size)
+        final.labelled = evaluator.labelled
+        for r in fin:
+            reranked.append(dataclasses.replace(r, metrics=final.evaluate(r.steps)))
+        best = choose(reranked, len(calib))
+    t_search = time.perf_counter() - t_start
 
     say("verifying the chosen plan")
     from vlmopt.pipeline import make_config
@@ -228,7 +248,7 @@ def optimize(opts: Options, progress: Callable | None = None,
 
     say("baselines at the same FLOPs")
     rows = [{"method": "original", "steps": [], "ratio_llm": 1.0, "ratio_total": 1.0,
-             "calib": evaluator.evaluate([]).to_json()},
+             "calib": final.evaluate([]).to_json()},
             {"method": f"vlmopt ({opts.strategy})", "steps": best.steps,
              "ratio_llm": best.ratio_llm, "ratio_total": best.ratio_total,
              "calib": best.metrics.to_json()}]
@@ -240,7 +260,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         f = space.flops(steps)
         rows.append({"method": name, "steps": steps, "ratio_llm": f["ratio_llm"],
                      "ratio_total": f["ratio_total"],
-                     "calib": evaluator.evaluate(steps).to_json()})
+                     "calib": final.evaluate(steps).to_json()})
     if held:
         say(f"held-out evaluation on {len(held)} samples of {opts.eval}")
         held_ev = Evaluator(lm, held, batch_size=opts.batch_size)
@@ -257,7 +277,11 @@ def optimize(opts: Options, progress: Callable | None = None,
         "model": lm.name, "fingerprint": lm.fingerprint, "target": opts.target,
         "target_size": size,
         "scope": opts.scope, "strategy": opts.strategy, "seed": opts.seed,
-        "calib": opts.calib, "n_calib": len(calib), "eval": opts.eval, "n_eval": len(held),
+        "calib": opts.calib, "n_calib": len(calib), "n_search": n_screen,
+        "finalists": [{"number": r.number, "steps": r.steps, "ratio_llm": r.ratio_llm,
+                       "search": s.metrics.to_json(), "all": r.metrics.to_json()}
+                      for r, s in zip(reranked, fin if rerank else [])],
+        "eval": opts.eval, "n_eval": len(held),
         "n_text": evaluator.n_text, "n_visual": space.n_visual, "n_layers": space.n_layers,
         "plan": plan.to_json(), "chosen": best.to_json(),
         "flops": {k: v for k, v in space.flops(best.steps).items()},
@@ -267,7 +291,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         "methods": rows,
         "latency_s": lat, "latency_ratio": lat["chosen"] / lat["original"],
         "search_seconds": t_search, "search_evaluations": n_search,
-        "evaluations": evaluator.n_evaluated,
+        "evaluations": evaluator.n_evaluated + (final.n_evaluated if rerank else 0),
     }
     _publish(opts, lm, chosen, plan, result, calib, say)
     result["seconds"] = time.perf_counter() - t_start

@@ -40,18 +40,27 @@ def plots(r: dict) -> dict[str, str]:
     out = {}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     pts = []
+    n_all, n_search = r["n_calib"], r.get("n_search", r["n_calib"])
+    where = f", first {n_search} samples" if n_search < n_all else ""
     for src in sorted({t["source"] for t in r["trials"]}):
         ts = [t for t in r["trials"] if t["source"] == src and t["metrics"]]
         xs = [t[key] for t in ts]
         ys = [t["metrics"]["fidelity"] for t in ts]
         pts += list(zip(xs, ys))
-        ax.scatter(xs, ys, s=18, alpha=.6, label=f"trials ({src})")
+        ax.scatter(xs, ys, s=18, alpha=.6, label=f"trials ({src}{where})")
     front = pareto(pts)
     ax.plot([p[0] for p in front], [p[1] for p in front], "k-", lw=1, label="Pareto front")
+    if r.get("finalists"):
+        ax.scatter([f[key] for f in r["finalists"]], [f["all"]["fidelity"] for f in r["finalists"]],
+                   marker="D", s=22, facecolors="none", edgecolors="k",
+                   label=f"finalists (all {n_all} samples)")
+    first = True
     for m in r["methods"]:
         if m.get("unreachable") or m["method"] == "original":
             continue
-        ax.scatter([m[key]], [m["calib"]["fidelity"]], marker="*", s=120)
+        ax.scatter([m[key]], [m["calib"]["fidelity"]], marker="*", s=120,
+                   label=f"methods at the target (all {n_all} samples)" if first else None)
+        first = False
         ax.annotate(m["method"], (m[key], m["calib"]["fidelity"]), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     ax.axvline(r["target"], color="r", ls="--", lw=1, label="target")
@@ -111,6 +120,38 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def reranking(r: dict) -> list[str]:
+    """The finalists table (markdown lines), when the search screened on fewer samples."""
+    if not r.get("finalists"):
+        return []
+    lines = [f"Trials were measured on the first {r['n_search']} calibration samples; the "
+             f"{len(r['finalists'])} best were re-ranked on all {r['n_calib']}, and the plan "
+             "shipped is the lowest-KL one within one answer of the best fidelity there.", "",
+             f"| finalist | LLM FLOPs | fidelity (first {r['n_search']}) | KL | fidelity "
+             f"(all {r['n_calib']}) | KL |", "| --- | --- | --- | --- | --- | --- |"]
+    for f in r["finalists"]:
+        mark = " (chosen)" if f["steps"] == r["chosen"]["steps"] else ""
+        lines.append(f"| {plan_label(f['steps'])}{mark} | {f['ratio_llm']:.3f} | "
+                     f"{f['search']['fidelity']:.4f} | {f['search']['kl']:.4f} | "
+                     f"{f['all']['fidelity']:.4f} | {f['all']['kl']:.4f} |")
+    return lines + [""]
+
+
+def plan_label(steps) -> str:
+    """A short human reading of a plan's steps."""
+    parts = []
+    for name, f in steps:
+        if name == "select_visual":
+            parts.append(f"{f['method']} {f['keep']}")
+        elif name == "drop_tokens":
+            parts.append("drops at " + ",".join(k.split("_")[1] for k in f["keep"]))
+        elif name == "freeze_visual":
+            parts.append("ShortV " + ",".join(k.split("_")[1] for k in f["layers"]))
+        else:
+            parts.append(name)
+    return " + ".join(parts) or "original"
+
+
 def markdown(r: dict) -> str:
     lines = [f"# vlmopt report: {r['model']}", "",
              f"Target {r['target']} x the original's {r['scope']} prefill FLOPs; strategy "
@@ -118,7 +159,7 @@ def markdown(r: dict) -> str:
              f"{r['eval']} ({r['n_eval']}).", "",
              f"Chosen plan: LLM FLOPs ratio {r['chosen']['ratio_llm']:.3f}, total "
              f"{r['chosen']['ratio_total']:.3f}, measured prefill latency ratio "
-             f"{r['latency_ratio']:.3f}.", "",
+             f"{r['latency_ratio']:.3f}.", "", *reranking(r),
              "| method | LLM FLOPs | total FLOPs | calib fidelity | held-out accuracy |",
              "| --- | --- | --- | --- | --- |"]
     for m in r["methods"]:
@@ -146,5 +187,5 @@ def write(r: dict, out: Path) -> None:
     ours = next(m for m in r["methods"] if m["method"].startswith("vlmopt"))
     html = env.from_string(_TEMPLATE.read_text()).render(
         r=r, plots=plots(r), layers=layer_rows(r), ours=ours, orig=methods["original"],
-        fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2))
+        fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2), label=plan_label)
     (out / "report.html").write_text(html)
