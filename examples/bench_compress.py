@@ -113,7 +113,8 @@ def main() -> int:
     if not args.no_latency:
         res["latency"] = {"runtime": "onnxruntime CPU", "threads": args.threads,
                           "repeats": args.repeats, "decode_tokens": args.decode_tokens,
-                          "prompt_tokens": args.prompt_tokens, "batch": 1}
+                          "prompt_tokens": args.prompt_tokens, "batch": 1,
+                          "intra_op_spinning": False}
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(res, indent=2) + "\n")
@@ -165,8 +166,9 @@ def markdown(res: dict, args) -> str:
         L = res["latency"]
         lines += ["", f"Latency: {L['runtime']}, {L['threads']} threads, batch {L['batch']}, "
                   f"{L['prompt_tokens']} text tokens, {L['decode_tokens']} decode tokens, median "
-                  f"of {L['repeats']} interleaved rounds; every config exported with `emit` "
-                  "(quantized layers as MatMulNBits) and parity-checked first."]
+                  f"of {L['repeats']} interleaved rounds, intra-op spinning off (idle sessions "
+                  "would otherwise busy-wait on the cores being timed); every config exported "
+                  "with `emit` (quantized layers as MatMulNBits) and parity-checked first."]
     lines += ["", "Mixed bits per layer: " + ", ".join(f"{k}={v}" for k, v in
                                                     res["mixed_bits"].items())]
     return "\n".join(lines) + "\n"
@@ -198,7 +200,7 @@ def latency(lm, configs: dict, args) -> dict:
                              manifest["parity"]["max_abs_logit_diff"],
                              "emit_seconds": round(time.perf_counter() - t0, 1)}
             print(f"exported {name} ({emitted[name]['emit_seconds']} s)", file=sys.stderr)
-            variants[name] = OrtVariant(Artifact(d, threads=args.threads))
+            variants[name] = OrtVariant(Artifact(d, threads=args.threads, spinning=False))
         lat = measure(variants, batch, args.repeats, args.decode_tokens)
     return {k: {**emitted[k], **v} for k, v in lat.items()}
 

@@ -313,13 +313,13 @@ def benchmark(args) -> dict:
                 t0 = time.perf_counter()
                 emit(lm, gm, d, [], parity_samples=2)
                 log.info("emitted %s in %.0f s", name, time.perf_counter() - t0)
-            arts[f"ort/{name}"] = Artifact(d, threads=args.threads)
+            arts[f"ort/{name}"] = Artifact(d, threads=args.threads, spinning=False)
         for q in quant:
             d = work / f"optimized-{q}"
             if not _reusable(d, lm, gms["optimized"], q):
                 _fresh(d)
                 quantized_copy(work / "optimized", d, q)
-            arts[f"ort/optimized+{q}"] = Artifact(d, threads=args.threads)
+            arts[f"ort/optimized+{q}"] = Artifact(d, threads=args.threads, spinning=False)
         variants = {} if args.no_torch else {"torch-hf/original": HFVariant(lm.model), **{
             f"torch/{k}": TorchVariant(g) for k, g in gms.items()}}
         variants.update({k: OrtVariant(a) for k, a in arts.items()})

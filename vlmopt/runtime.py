@@ -65,7 +65,12 @@ def read_manifest(root: Path, verify: bool = True) -> dict:
     return m
 
 
-def session(path: Path, provider: str = "cpu", threads: int | None = None):
+def session(path: Path, provider: str = "cpu", threads: int | None = None,
+            spinning: bool = True):
+    """An InferenceSession of ``path``. ``spinning=False`` stops the intra-op workers from
+    spinning after each run (ONNX Runtime's default keeps them busy-waiting for the next run):
+    what a benchmark needs when several sessions run in turn on few cores, else the idle
+    sessions' spinning workers steal the cores from the one being timed."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -78,6 +83,8 @@ def session(path: Path, provider: str = "cpu", threads: int | None = None):
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -90,17 +97,17 @@ class Artifact:
     """The two graphs of an artifact and greedy generation over them."""
 
     def __init__(self, root, *, provider: str = "cpu", verify: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, spinning: bool = True):
         self.root = Path(root)
         self.manifest = read_manifest(self.root, verify=verify)
-        self.provider, self.threads = provider, threads
+        self.provider, self.threads, self.spinning = provider, threads, spinning
         self.n_layers = int(self.manifest["kv"]["n_layers"])
         self._sessions: dict = {}  # loaded on first use
 
     def _session(self, graph: str):
         if graph not in self._sessions:
             f = self.root / self.manifest["graphs"][graph]["file"]
-            self._sessions[graph] = session(f, self.provider, self.threads)
+            self._sessions[graph] = session(f, self.provider, self.threads, self.spinning)
         return self._sessions[graph]
 
     @property
