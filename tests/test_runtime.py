@@ -151,3 +151,13 @@ def test_cuda_provider_without_onnxruntime_gpu_is_one_error_line(arts, synth_dat
                  rec.prompt, "--provider", "cuda"]) == 2
     err = _err(capsys)
     assert len(err) == 1 and "onnxruntime-gpu" in err[0]
+
+
+def test_benchmark_sessions_can_stop_spinning(arts):
+    d = arts["identity"].dir
+    key = "session.intra_op.allow_spinning"
+    calm = Artifact(d, spinning=False).prefill.get_session_options()
+    assert calm.get_session_config_entry(key) == "0"
+    default = Artifact(d).prefill.get_session_options()  # ONNX Runtime's own default: unset
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        default.get_session_config_entry(key)
