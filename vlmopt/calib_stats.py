@@ -105,8 +105,6 @@ def whitening_covariance(covs: dict[str, torch.Tensor], layer: str,
     if weighting == "token":
         return covs[layer]
     parts = [covs[k] for k in (f"{layer}.visual", f"{layer}.text") if k in covs]
-    if not parts:  # statistics without the split (should not happen with this module's cache)
-        return covs[layer]
     return sum(parts) / len(parts)
 
 

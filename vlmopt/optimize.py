@@ -221,14 +221,16 @@ def optimize(opts: Options, progress: Callable | None = None,
     if best is None:
         raise VlmoptError(f"no plan within --target-flops {opts.target} was found")
     n_search = evaluator.n_evaluated
-    final, reranked = evaluator, []
+    final, finals = evaluator, []
     if rerank:
         fin = finalists(ctx.records, opts.finalists)
         say(f"re-ranking the {len(fin)} best plans on all {len(calib)} calibration samples")
         final = Evaluator(lm, calib, batch_size=opts.batch_size)
         final.labelled = evaluator.labelled
-        for r in fin:
-            reranked.append(dataclasses.replace(r, metrics=final.evaluate(r.steps)))
+        reranked = [dataclasses.replace(r, metrics=final.evaluate(r.steps)) for r in fin]
+        finals = [{"number": r.number, "steps": r.steps, "ratio_llm": r.ratio_llm,
+                   "search": s.metrics.to_json(), "all": r.metrics.to_json()}
+                  for r, s in zip(reranked, fin)]
         best = choose(reranked, len(calib))
     t_search = time.perf_counter() - t_start
 
@@ -278,9 +280,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         "target_size": size,
         "scope": opts.scope, "strategy": opts.strategy, "seed": opts.seed,
         "calib": opts.calib, "n_calib": len(calib), "n_search": n_screen,
-        "finalists": [{"number": r.number, "steps": r.steps, "ratio_llm": r.ratio_llm,
-                       "search": s.metrics.to_json(), "all": r.metrics.to_json()}
-                      for r, s in zip(reranked, fin if rerank else [])],
+        "finalists": finals,
         "eval": opts.eval, "n_eval": len(held),
         "n_text": evaluator.n_text, "n_visual": space.n_visual, "n_layers": space.n_layers,
         "plan": plan.to_json(), "chosen": best.to_json(),
