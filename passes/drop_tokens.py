@@ -24,7 +24,7 @@ from torch import fx
 
 from vlmopt.ir import tokens
 from vlmopt.ir.capture import decoder_nodes
-from vlmopt.ir.rewrite import ChainState, add_module, insert_token_change
+from vlmopt.ir.rewrite import ChainState, add_module, insert_token_change, set_visual_budget
 from vlmopt.pipeline import PassResult, register_pass
 
 SCORERS = ("last_query", "text_mean", "random")
@@ -34,7 +34,9 @@ _LAYER = re.compile(r"^layer_(\d+)$")
 
 @dataclass(frozen=True)
 class Config:
-    # visual tokens kept from that layer on, e.g. {"layer_2": 98}; {} = identity
+    # visual tokens kept from that layer on, e.g. {"layer_2": 98}; {} = identity. A float is a
+    # fraction of the visual tokens that reach the layer (dynamic-resolution models: the count
+    # follows each image's size, rounded half up, at least 1)
     keep: dict = field(default_factory=dict)
     scorer: str = "last_query"
     score_at: str = "previous"
@@ -46,8 +48,17 @@ class Config:
         last = None
         for name, n in sorted(self.keep.items(), key=lambda kv: _layer_index(kv[0])):
             i = _layer_index(name)
+            if isinstance(n, float):  # a fraction of the visual tokens that reach the layer
+                if not 0 < n <= 1:
+                    raise ValueError(f"field 'keep': {name} fraction must lie in (0, 1], "
+                                     f"got {n!r}")
+                if i == 0 and self.score_at == "previous":
+                    raise ValueError("field 'keep': layer_0 has no previous layer to score "
+                                     "with; use score_at='next' or select_visual")
+                continue
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"field 'keep': {name} must be a count >= 0, got {n!r}")
+                raise ValueError(f"field 'keep': {name} must be a count >= 0 or a fraction "
+                                 f"in (0, 1], got {n!r}")
             if i == 0 and self.score_at == "previous":
                 raise ValueError("field 'keep': layer_0 has no previous layer to score with; "
                                  "use score_at='next' or select_visual")
@@ -94,11 +105,14 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
             raise ValueError(f"drop_tokens: {name} does not exist (model has {n_layers} layers)")
         decs = decoder_nodes(gm)
         cur = decs[k].meta["vlmopt"]["n_visual"]
-        if keep > cur:
+        if cur is not None and isinstance(keep, float):  # a static count: resolve it now
+            keep = tokens.keep_count(keep, cur)
+        if cur is not None and keep > cur:
             raise ValueError(f"drop_tokens: {name} keeps {keep} but only {cur} visual tokens "
                              "reach it")
-        if keep == cur:
-            stats["skipped"].append(f"{name}: already {cur} visual tokens")
+        if keep == cur or (isinstance(keep, float) and keep == 1.0):
+            stats["skipped"].append(f"{name}: already {cur} visual tokens" if keep == cur
+                                    else f"{name}: keeps every visual token")
             continue
         src = decs[k - 1] if config.score_at == "previous" else decs[k]
         hf_layer = gm.get_submodule(src.target).layer
@@ -121,10 +135,10 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
                                 else mode, "n_visual": src.meta["vlmopt"]["n_visual"]}
             d = g.call_module(dropper, (s, st.hidden, st.pos, st.visual, st.amask))
             d.meta["vlmopt"] = {"block": "drop", "keep": keep}
-            return tuple(g.call_function(operator.getitem, (d, i)) for i in range(4))
+            return tuple(g.call_function(operator.getitem, (d, i)) for i in range(5))
 
         insert_token_change(gm, k, build)
         for d in decoder_nodes(gm)[k:]:
-            d.meta["vlmopt"]["n_visual"] = keep
+            set_visual_budget(d, keep)
         stats["keep"][name] = keep
     return PassResult(gm, bool(stats["keep"]), stats)

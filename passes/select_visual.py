@@ -39,7 +39,7 @@ from torch import fx
 
 from vlmopt.ir import select, tokens
 from vlmopt.ir.capture import decoder_nodes, node_by_block
-from vlmopt.ir.rewrite import add_module, insert_token_change
+from vlmopt.ir.rewrite import add_module, insert_token_change, set_visual_budget
 from vlmopt.pipeline import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random")
@@ -48,13 +48,22 @@ METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random")
 @dataclass(frozen=True)
 class Config:
     method: str = "none"  # "none" = identity
-    keep: int = 0  # visual tokens entering the LLM; ignored with method "none"
+    # visual tokens entering the LLM; ignored with method "none". A float in (0, 1] is a
+    # fraction of the image's visual tokens (dynamic resolution: rounded half up, at least 1)
+    keep: int | float = 0
     contextual: int = 0  # visionzip only: how many of ``keep`` are merged contextual tokens
     seed: int = 0  # random only
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
+        if isinstance(self.keep, float):
+            if not 0 < self.keep <= 1:
+                raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
+            if self.method in ("visionzip", "pool"):
+                raise ValueError(f"field 'keep': method {self.method!r} takes a count, "
+                                 "not a fraction")
+            return
         for name in ("keep", "contextual", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -124,10 +133,18 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     if config.method == "none":
         stats["keep"] = nv
         return PassResult(gm, False, stats)
-    if config.keep > nv:
-        raise ValueError(f"select_visual: node {decs[0].name!r}: keep={config.keep} but only "
+    keep = config.keep
+    if nv is None and config.method in ("visionzip", "pool"):
+        raise ValueError(f"select_visual: node {decs[0].name!r}: method {config.method!r} needs "
+                         "a fixed visual-token grid; this model's count follows the image size "
+                         "(use divprune, kcenter or random)")
+    if nv is not None and isinstance(keep, float):
+        keep = tokens.keep_count(keep, nv)
+        stats["keep"] = keep
+    if nv is not None and keep > nv:
+        raise ValueError(f"select_visual: node {decs[0].name!r}: keep={keep} but only "
                          f"{nv} visual tokens reach it")
-    if config.keep == nv:
+    if keep == nv or (isinstance(keep, float) and keep == 1.0):
         stats["skipped"] = f"keep equals the {nv} visual tokens: nothing to select"
         return PassResult(gm, False, stats)
 
@@ -141,8 +158,8 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     else:
         start = "isolated" if config.method == "divprune" else "mean"
         scorer = add_module(gm, f"select_{config.method}",
-                            select.DiversityScore(nv, config.keep, start))
-    keeper = add_module(gm, "keep_visual", tokens.KeepTopK(nv, config.keep))
+                            select.DiversityScore(nv, keep, start))
+    keeper = add_module(gm, "keep_visual", tokens.KeepTopK(nv, keep))
 
     def build(g, st):
         hidden = st.hidden
@@ -157,12 +174,12 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
             s = _tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="diversity",
                      n_visual=nv)
         d = g.call_module(keeper, (s, hidden, st.pos, st.visual, st.amask))
-        d.meta["vlmopt"] = {"block": "drop", "keep": config.keep}
-        return tuple(_getitems(g, d, 4))
+        d.meta["vlmopt"] = {"block": "drop", "keep": keep}
+        return tuple(_getitems(g, d, 5))
 
     insert_token_change(gm, 0, build)
     gm.graph.eliminate_dead_code()  # the uncut sequence's mask and rope now feed nothing
     gm.recompile()
     for d in decoder_nodes(gm):
-        d.meta["vlmopt"]["n_visual"] = config.keep
+        set_visual_budget(d, keep)
     return PassResult(gm, True, stats)

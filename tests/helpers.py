@@ -121,3 +121,71 @@ def single_sample(batch: dict, i: int) -> dict:
     keep = batch["attention_mask"][i].bool()
     return {k: (v[i:i + 1] if k == "pixel_values" else v[i:i + 1, keep])
             for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ tiny Qwen-VL checkpoints
+
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_IDS = {"image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62,
+            "vision_end_token_id": 63}
+
+
+def make_tiny_qwen_config(model_type: str):
+    """A tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL config (patch 4, 2x2 merge: one
+    LLM token per 8x8 px; GQA; Qwen2.5: windows + one full-attention block; Qwen3: deepstack)."""
+    import transformers as tf
+
+    text = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=3, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})
+    common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if model_type == "qwen2_vl":
+        vis = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, **common)
+        return tf.Qwen2VLConfig(text_config=text, vision_config=vis, **QWEN_IDS)
+    if model_type == "qwen2_5_vl":
+        vis = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
+                   out_hidden_size=64, window_size=16, fullatt_block_indexes=[2], **common)
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vis, **QWEN_IDS)
+    if model_type == "qwen3_vl":
+        text["head_dim"] = 16
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vis = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
+                   out_hidden_size=64, num_position_embeddings=64,
+                   deepstack_visual_indexes=[0, 1], **common)
+        return tf.Qwen3VLConfig(text_config=text, vision_config=vis, **QWEN_IDS)
+    raise ValueError(model_type)
+
+
+def build_tiny_qwen(model_type: str, seed: int = 0):
+    from vlmopt.frontend.qwen_vl import QwenVLAdapter
+
+    cfg = make_tiny_qwen_config(model_type)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return QwenVLAdapter.hf_class_for(model_type)(cfg).eval()
+
+
+def qwen_batch(model, grids, n_text=(3, 4), seed: int = 0) -> dict:
+    """A left-padded batch, one image per row (grid_thw in patches), random pixels; M-RoPE
+    position ids from the model's own get_rope_index."""
+    from vlmopt.frontend.load import adapter_for
+
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor(grids)
+    rows = []
+    for i, grid in enumerate(grids):
+        k = int(grid.prod()) // 4
+        pre = torch.randint(4, 59, (n_text[0],), generator=g).tolist()
+        post = torch.randint(4, 59, (n_text[1] + i,), generator=g).tolist()
+        rows.append([*pre, 62, *([60] * k), 63, *post])
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    pad = torch.tensor([T - len(r) for r in rows])
+    amask = (torch.arange(T)[None] >= pad[:, None]).long()
+    pix = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 4 * 4, generator=g)
+    batch = {"input_ids": ids, "attention_mask": amask, "pixel_values": pix,
+             "image_grid_thw": grids}
+    batch["position_ids"] = adapter_for(model).default_positions(batch)
+    return batch

@@ -44,12 +44,12 @@ def test_model_errors_come_before_data_errors(capsys, tmp_path):
     assert "no such model directory" in msg and "missing.jsonl" not in msg
 
 
-def test_not_a_llava_dir_is_one_line_error(capsys, tmp_path, small_data):
+def test_unsupported_family_dir_is_one_line_error(capsys, tmp_path, small_data):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     msg = _fails_with_one_line(capsys, ["eval", str(tmp_path / "bert"), "--data",
                                         str(small_data)])
-    assert "not a LLaVA checkpoint" in msg
+    assert "unsupported model family" in msg and "'bert'" in msg
 
 
 def test_bad_jsonl_line_is_one_line_error_naming_file_and_line(capsys, tiny_llava, small_data):
@@ -153,4 +153,4 @@ def test_cli_subprocess_error_is_exactly_one_stderr_line(tmp_path, small_data):
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlmopt: error: "), r.stderr
-    assert "not a LLaVA checkpoint" in lines[0]
+    assert "unsupported model family" in lines[0]

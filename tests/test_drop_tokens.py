@@ -25,7 +25,7 @@ def four_layer():
 
 def _kept_visual_positions(gm, batch, drop_target):
     """Original positions of the visual tokens a drop node keeps, per sample."""
-    _, pos, vis, _ = record_modules(gm, batch, {drop_target})[drop_target][1]
+    _, pos, vis, _, _ = record_modules(gm, batch, {drop_target})[drop_target][1]
     return [set(pos[b][vis[b]].tolist()) for b in range(pos.shape[0])]
 
 
@@ -144,8 +144,8 @@ def test_verifier_rejects_a_drop_that_moves_positions(four_layer):
     orig = drop.forward
 
     def broken(*args):
-        h, p, v, a = orig(*args)
-        return h, p + 1000, v, a  # kept tokens get new position ids
+        h, p, v, a, idx = orig(*args)
+        return h, p + 1000, v, a, idx  # kept tokens get new position ids
 
     drop.forward = broken
     with pytest.raises(VerifyError, match="positions unchanged.*|text tokens kept"):

@@ -142,10 +142,30 @@ def test_invalid_config_json_is_an_error(tmp_path):
     assert "config.json" in _load_error(tmp_path)
 
 
-def test_non_llava_model_type_is_not_a_llava_checkpoint(tmp_path):
+def test_unknown_family_is_refused_with_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     msg = _load_error(tmp_path)
-    assert "not a LLaVA checkpoint" in msg and "bert" in msg
+    assert "unsupported model family" in msg and "'bert'" in msg
+    assert "supported: llava, qwen2_5_vl, qwen2_vl, qwen3_vl" in msg
+
+
+@pytest.mark.parametrize("mtype", ["llava_next", "llava_onevision", "gemma3", "idefics3"])
+def test_llava_variants_not_yet_supported_are_refused_not_misloaded(tmp_path, mtype):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": mtype}))
+    msg = _load_error(tmp_path)
+    assert f"model_type '{mtype}'" in msg and "not supported yet" in msg
+
+
+def test_architectures_that_contradict_the_model_type_are_refused(tmp_path):
+    cfg = {"model_type": "llava", "architectures": ["LlavaNextForConditionalGeneration"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert "do not match model_type 'llava'" in _load_error(tmp_path)
+
+
+def test_remote_code_config_is_refused(tmp_path):
+    cfg = {"model_type": "llava", "auto_map": {"AutoModel": "modeling_x.X"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert "remote code" in _load_error(tmp_path)
 
 
 def test_pickle_only_checkpoint_is_refused_without_unpickling(tiny_config_only, tmp_path,

@@ -59,7 +59,7 @@ def _record(gm, batch, targets):
 
 def _kept_patches(gm, batch, image_id):
     """Per sample, the set of patch indices whose slots reach layer_0 (slot j = patch j)."""
-    _, pos, vis, _ = _record(gm, batch, {"keep_visual"})["keep_visual"]
+    _, pos, vis, _, _ = _record(gm, batch, {"keep_visual"})["keep_visual"]
     kept = []
     for b in range(pos.shape[0]):
         vis_pos = batch["position_ids"][b][batch["input_ids"][b] == image_id].tolist()
@@ -300,8 +300,8 @@ def test_verifier_rejects_a_selection_that_renumbers_positions(tiny):
     orig = keeper.forward
 
     def renumbered(*args):
-        h, _, v, a = orig(*args)
-        return h, (a.cumsum(-1) - 1).clamp(min=0), v, a
+        h, _, v, a, idx = orig(*args)
+        return h, (a.cumsum(-1) - 1).clamp(min=0), v, a, idx
 
     keeper.forward = renumbered
     with pytest.raises(VerifyError, match="positions unchanged|text tokens kept"):

@@ -19,7 +19,9 @@ def chat_text(processor, prompt: str) -> str:
 def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
     """Batch with left padding; position ids count real tokens only, so padding never shifts them.
 
-    Returns input_ids/attention_mask/position_ids [B, T] and pixel_values [B, 3, H, W].
+    Returns input_ids/attention_mask/position_ids [B, T] and pixel_values [B, 3, H, W]; for
+    families with dynamic resolution the processor's own layout (Qwen-VL: patches [N, C*tp*p*p],
+    ``image_grid_thw`` [n_images, 3], M-RoPE position ids [3, B, T] from the model).
     """
     if processor is None:
         raise VlmoptError("this checkpoint has no processor files; cannot encode prompts")
@@ -27,12 +29,16 @@ def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str
     texts = [chat_text(processor, p) for p in prompts]
     enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
     mask = enc["attention_mask"]
-    return {
+    pos = enc.get("position_ids")
+    out = {
         "input_ids": enc["input_ids"],
         "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0) if pos is None else pos,
         "pixel_values": enc["pixel_values"].float(),
     }
+    if "image_grid_thw" in enc:
+        out["image_grid_thw"] = enc["image_grid_thw"]
+    return out
 
 
 def blank_like(image: Image.Image) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Load a LLaVA-family checkpoint offline: safetensors only, no remote code, no network.
+"""Load a VLM checkpoint offline (any family with an adapter, vlmopt.frontend.family): safetensors only, no remote code, no network.
 
 ``load("builtin:synth-llava")`` or ``load("/path/to/hf/dir")``. A config-only directory (config.json
 and no weights) loads with seeded random weights, or on the meta device with ``device="meta"``, so
@@ -17,65 +17,18 @@ from pathlib import Path
 import torch
 
 from vlmopt.errors import VlmoptError
+from vlmopt.frontend import llava as _llava  # noqa: F401  (registers the family)
+from vlmopt.frontend import qwen_vl as _qwen_vl  # noqa: F401
+from vlmopt.frontend.family import Adapter, adapter_class
 
 log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_MODELS = {"builtin:synth-llava": BUILTIN_DIR / "synth-llava"}
-LLAVA_TYPES = {"llava"}
 
 
-@dataclass
-class LlavaAdapter:
-    """The one place that knows where a LLaVA model keeps its parts (transformers v5 layout)."""
-
-    model: torch.nn.Module  # LlavaForConditionalGeneration
-
-    @property
-    def vision_tower(self):
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self):
-        return self.model.model.multi_modal_projector
-
-    @property
-    def lm(self):
-        return self.model.model.language_model
-
-    @property
-    def embed(self):
-        return self.lm.embed_tokens
-
-    @property
-    def layers(self):
-        return self.lm.layers
-
-    @property
-    def rotary(self):
-        return self.lm.rotary_emb
-
-    @property
-    def norm(self):
-        return self.lm.norm
-
-    @property
-    def lm_head(self):
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def feature_layer(self) -> int:
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise VlmoptError("vision_feature_layer lists several layers; not supported yet")
-        return layer
-
-    @property
-    def drops_cls(self) -> bool:
-        return self.model.config.vision_feature_select_strategy == "default"
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    """The family adapter of a loaded transformers model."""
+    return adapter_class(model.config.to_dict(), type(model).__name__)(model)
 
 
 @dataclass
@@ -88,8 +41,8 @@ class LoadedModel:
     has_weights: bool
 
     @property
-    def adapter(self) -> LlavaAdapter:
-        return LlavaAdapter(self.model)
+    def adapter(self) -> Adapter:
+        return adapter_for(self.model)
 
     @property
     def config(self):
@@ -123,10 +76,11 @@ def read_config(path: Path) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise VlmoptError(f"{cfg_file}: not valid JSON ({e.msg})") from None
-    mtype = cfg.get("model_type")
-    if mtype not in LLAVA_TYPES:
-        raise VlmoptError(f"{path}: not a LLaVA checkpoint (model_type {mtype!r}; "
-                          f"supported: {', '.join(sorted(LLAVA_TYPES))})")
+    if not isinstance(cfg, dict):
+        raise VlmoptError(f"{cfg_file}: not a config object")
+    if cfg.get("auto_map"):
+        raise VlmoptError(f"{cfg_file}: needs remote code (auto_map); vlmopt never runs it")
+    adapter_class(cfg, str(path))  # refuses unknown and not-yet-supported families
     return cfg
 
 
@@ -154,19 +108,25 @@ def fingerprint(path: Path) -> str:
 
 def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
          seed: int = 0) -> LoadedModel:
-    """Load a LLaVA checkpoint directory or a built-in model, offline."""
+    """Load a checkpoint directory of a supported family, or a built-in model, offline."""
     from safetensors import SafetensorError
-    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
     path = resolve_model(spec)
-    read_config(path)
+    cfg_dict = read_config(path)
+    family = adapter_class(cfg_dict, str(path))
+    hf_class = family.hf_class_for(cfg_dict["model_type"])
     weights = sorted(path.glob("*.safetensors"))
     pickles = [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if not weights and pickles:
         raise VlmoptError(f"{path}: only pickle weights ({pickles[0].name}); vlmopt loads "
                           "safetensors only - convert the checkpoint first")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = LlavaConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise VlmoptError(f"{path / 'config.json'}: not a valid {cfg_dict['model_type']} config "
+                          f"({str(e).splitlines()[0]})") from None
     config._attn_implementation = "sdpa"
     if weights:
         if device == "meta":
@@ -176,7 +136,7 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | N
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a library logs; it draws no bars on the user's tty
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = hf_class.from_pretrained(
                 path, config=config, local_files_only=True, use_safetensors=True,
                 trust_remote_code=False, dtype=dtype or torch.float32)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
@@ -189,17 +149,11 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | N
                  "meta tensors" if device == "meta" else f"random weights (seed {seed})")
         torch.manual_seed(seed)
         with torch.device(device if device == "meta" else "cpu"):
-            model = LlavaForConditionalGeneration(config)
+            model = hf_class(config)
         if dtype is not None:
             model = model.to(dtype)
     if device not in ("cpu", "meta"):
         model = model.to(device)
     model.eval()
-    processor = None
-    if (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists():
-        try:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True,
-                                                      trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise VlmoptError(f"{path}: cannot load processor: {str(e).splitlines()[0]}") from None
+    processor = family.load_processor(path, model)
     return LoadedModel(model, processor, path, str(spec), fingerprint(path), bool(weights))

@@ -1,7 +1,8 @@
 """Leaf modules of the block graph. Each wraps (shares, never copies) one part of the HF model.
 
-They call exactly the code transformers runs in ``LlavaForConditionalGeneration.forward``, in
-the same order and with the same arguments, which is what makes the identity plan bit-exact.
+They call exactly the code transformers runs in the family's ``...ForConditionalGeneration.forward``
+(LLaVA, Qwen-VL), in the same order and with the same arguments, which is what makes the identity
+plan bit-exact. Which of them a family uses is its adapter's choice (vlmopt.frontend).
 Passes never mutate these in place: they add new modules and rewire nodes.
 """
 
@@ -22,6 +23,30 @@ class Vision(nn.Module):
         out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
         feats = out.hidden_states[self.feature_layer]  # [B, 1 + Nv, Dv]
         return feats[:, 1:] if self.drop_cls else feats
+
+
+class QwenVision(nn.Module):
+    """Qwen-VL tower + patch merger: (patches [N, C*tp*p*p], grid_thw [n, 3]) -> LLM embeddings
+    of every image's tokens, concatenated in prompt order [Nv_total, D]; with deepstack
+    (Qwen3-VL) also each deepstack merger's features [Nv_total, D], as a tuple."""
+
+    def __init__(self, tower: nn.Module, n_deepstack: int = 0):
+        super().__init__()
+        self.tower, self.n_deepstack = tower, n_deepstack
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        out = self.tower(pixel_values.type(self.tower.dtype), grid_thw=image_grid_thw,
+                         return_dict=True)
+        if not self.n_deepstack:
+            return out.pooler_output
+        return (out.pooler_output, *out.deepstack_features)
+
+
+class Identity(nn.Module):
+    """The project node of a family whose projector lives inside the vision tower (Qwen-VL)."""
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
 
 
 class Project(nn.Module):
@@ -74,9 +99,10 @@ class CausalMask(nn.Module):
 
         # NOTE: an explicit 2-D mask is always passed; with None, HF reads gapped position ids
         # (left after a token drop) as packed sequences and builds a block-diagonal mask.
+        # M-RoPE ids [3, B, T] are not text positions: HF's VL models pass None here.
         return create_causal_mask(config=self.config, inputs_embeds=hidden,
-                                  attention_mask=attention_mask, past_key_values=None,
-                                  position_ids=position_ids)
+                                  attention_mask=attention_mask, cache=None,
+                                  position_ids=position_ids if position_ids.dim() == 2 else None)
 
 
 class Rope(nn.Module):
@@ -101,8 +127,29 @@ class Decoder(nn.Module):
         self.layer, self.index = layer, index
 
     def forward(self, hidden, mask, rope, position_ids, visual_mask=None, attention_mask=None):
+        # M-RoPE families hand their layers no text position ids (HF passes None)
         return self.layer(hidden, attention_mask=mask, position_embeddings=rope,
-                          position_ids=position_ids, past_key_values=None, use_cache=False)
+                          position_ids=position_ids if position_ids.dim() == 2 else None,
+                          use_cache=False)
+
+
+class Deepstack(nn.Module):
+    """Qwen3-VL deepstack after a decoder layer: the visual tokens' hidden states plus the
+    deepstack features of the same tokens. ``feats`` [B, T0, D] holds one row per slot of the
+    merged sequence (zero on text); ``slots`` [B, T] says which slot each current token was, so
+    the features follow the tokens a pass kept."""
+
+    def forward(self, hidden, visual_mask, slots, feats):
+        f = feats.gather(1, slots[..., None].expand(-1, -1, feats.shape[-1]))  # [B, T, D]
+        return torch.where(visual_mask[..., None], hidden + f.to(hidden.dtype), hidden)
+
+
+class DeepstackFeatures(nn.Module):
+    """Deepstack features [Nv_total, D] -> per slot of the merged sequence [B, T0, D]."""
+
+    def forward(self, tok: torch.Tensor, feats: torch.Tensor, visual_mask: torch.Tensor):
+        slots = visual_mask.unsqueeze(-1).expand_as(tok)
+        return torch.zeros_like(tok).masked_scatter(slots, feats.to(tok.dtype))
 
 
 class Norm(nn.Module):

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmopt.ir.tokens import _rotary_fn
+from vlmopt.ir.tokens import _rotary_fn, qk_heads, visual_count
 
 
 class FrozenDecoder(nn.Module):
     is_decoder_block = True
 
-    def __init__(self, layer: nn.Module, index: int, n_visual: int):
+    def __init__(self, layer: nn.Module, index: int, n_visual: int | None):
         super().__init__()
         self.layer, self.index, self.n_visual = layer, index, n_visual
 
@@ -27,15 +27,14 @@ class FrozenDecoder(nn.Module):
         cfg = attn.config
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
         B, T, D = hidden.shape
-        Tt = T - self.n_visual  # static: text (and padding) rows per sample
+        Tt = T - visual_count(visual_mask, self.n_visual)  # text (and padding) rows per sample
         ar = torch.arange(T, device=hidden.device).expand(B, T)
         idx = torch.where(~visual_mask, ar, ar + T).sort(dim=-1).values[:, :Tt]  # [B, Tt]
         idx_d = idx[..., None].expand(B, Tt, D)
         h = layer.input_layernorm(hidden)  # [B, T, D]
         cos, sin = rope  # [B, T, hd]
         hd_idx = idx[..., None].expand(B, Tt, cos.shape[-1])
-        q = attn.q_proj(h.gather(1, idx_d)).view(B, Tt, H, hd).transpose(1, 2)  # [B, H, Tt, hd]
-        k = attn.k_proj(h).view(B, T, KV, hd).transpose(1, 2)  # [B, KV, T, hd]
+        q, k = qk_heads(attn, h.gather(1, idx_d), h)  # [B, H, Tt, hd], [B, KV, T, hd]
         v = attn.v_proj(h).view(B, T, KV, hd).transpose(1, 2)
         rot = _rotary_fn(attn)
         q, _ = rot(q, q, cos.gather(1, hd_idx), sin.gather(1, hd_idx))

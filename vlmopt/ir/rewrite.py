@@ -39,15 +39,25 @@ def insert_token_change(gm: fx.GraphModule, layer: int,
                         build: Callable[[fx.Graph, ChainState], tuple]) -> None:
     """Insert nodes before decoder ``layer`` that shorten the sequence.
 
-    ``build(graph, state)`` returns new (hidden, pos, visual, amask) nodes; the causal mask and
-    rotary embeddings are rebuilt from them, and every later decoder node is rewired.
+    ``build(graph, state)`` returns new (hidden, pos, visual, amask) nodes, and the kept slot
+    indices [B, T'] as a fifth when it has them; the causal mask and rotary embeddings are
+    rebuilt from them, and every later decoder node is rewired. Later deepstack nodes (Qwen3-VL)
+    follow the kept tokens through the indices; a build without them cannot cut before one.
     """
     decs = decoder_nodes(gm)
     target = decs[layer]
     old = ChainState.at(target)
     g = gm.graph
+    later_ds = [n for n in g.nodes if n.meta.get("vlmopt", {}).get("block") == "deepstack"
+                and n.meta["vlmopt"]["layer"] >= layer]
     with g.inserting_before(target):
-        hidden, pos, visual, amask = build(g, old)
+        hidden, pos, visual, amask, *idx = build(g, old)
+        if later_ds:
+            if not idx:
+                raise ValueError(f"node {target.name!r}: this token change keeps no slot indices, "
+                                 "so deepstack features cannot follow the kept tokens")
+            slots = g.call_function(gather_slots, (later_ds[0].args[2], idx[0]))
+            slots.name = f"slots_{layer}"
         for node, base in ((hidden, "hidden"), (pos, "position_ids"), (visual, "visual_mask"),
                            (amask, "attention_mask")):
             node.name = f"{base}_{layer}"  # NOTE: unique: one token change per layer
@@ -59,4 +69,31 @@ def insert_token_change(gm: fx.GraphModule, layer: int,
             old.visual: visual, old.amask: amask}
     for d in decs[layer:]:
         d.args = tuple(swap.get(a, a) for a in d.args)
+    for d in later_ds:  # (hidden, visual, slots, feats)
+        d.args = (d.args[0], swap.get(d.args[1], d.args[1]), slots, d.args[3])
     gm.recompile()
+
+
+def gather_slots(slots, idx):
+    """The merged-sequence slots of the kept tokens ``idx`` [B, T']."""
+    return slots.gather(1, idx)
+
+
+def set_visual_budget(node: fx.Node, keep: int | float) -> None:
+    """Record a token change on a decoder node's meta: ``n_visual`` is the static count (None
+    while it depends on the image size), ``visual_keeps`` every budget applied so far in order,
+    so the count at any input size is ``visual_tokens(meta, n0)``."""
+    info = node.meta["vlmopt"]
+    info["visual_keeps"] = [*info.get("visual_keeps", []), keep]
+    if isinstance(keep, int):
+        info["n_visual"] = keep
+    elif info["n_visual"] is not None:
+        info["n_visual"] = max(1, min(info["n_visual"], int(keep * info["n_visual"] + 0.5)))
+
+
+def visual_tokens(info: dict, n0: int) -> int:
+    """Visual tokens reaching a decoder node (meta ``info``) for an image of ``n0`` tokens."""
+    n = n0
+    for keep in info.get("visual_keeps", []):
+        n = keep if isinstance(keep, int) else max(1, min(n, int(keep * n + 0.5)))
+    return n

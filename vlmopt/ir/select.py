@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmopt.ir.tokens import keep_count, visual_count
+
 
 def _visual(hidden: torch.Tensor, visual_mask: torch.Tensor, n_visual: int):
     """The visual rows of ``hidden`` [B, T, D] in slot order, [B, Nv, D], and their indices
@@ -139,7 +141,7 @@ class DiversityScore(nn.Module):
     Returns per-slot scores [B, T]: 1 on chosen visual slots.
     """
 
-    def __init__(self, n_visual: int, keep: int, start: str):
+    def __init__(self, n_visual: int | None, keep: int | float, start: str):
         super().__init__()
         if start not in ("isolated", "mean"):
             raise ValueError(f"unknown start {start!r}")
@@ -158,7 +160,9 @@ class DiversityScore(nn.Module):
         return self._greedy(hidden, visual_mask, margins=True)[1]
 
     def _greedy(self, hidden, visual_mask, margins: bool):
-        E = _visual(hidden, visual_mask, self.n_visual)[0].float()  # [B, Nv, D]
+        nv = visual_count(visual_mask, self.n_visual)
+        keep = keep_count(self.keep, nv)
+        E = _visual(hidden, visual_mask, nv)[0].float()  # [B, Nv, D]
         B, Nv, _ = E.shape
         En = F.normalize(E, dim=-1)
         dist = 1.0 - torch.bmm(En, En.transpose(1, 2))  # [B, Nv, Nv], rows i, columns j
@@ -179,10 +183,10 @@ class DiversityScore(nn.Module):
             first = pick((En * c[:, None]).sum(-1))
         chosen = torch.zeros(B, Nv, dtype=torch.bool, device=E.device)
         rows = dist.gather(1, first[:, None, None].expand(B, 1, Nv))[:, 0]  # [B, Nv]
-        if self.keep:
+        if keep:
             chosen = chosen.scatter(1, first[:, None], True)
         mind = rows
-        for _ in range(self.keep - 1):  # NOTE: sequential by nature; static count
+        for _ in range(keep - 1):  # NOTE: sequential by nature; static count
             # chosen tokens are excluded explicitly so exact duplicates cannot be picked twice
             j = pick(mind.masked_fill(chosen, float("-inf")))
             chosen = chosen.scatter(1, j[:, None], True)

@@ -1,0 +1,58 @@
+"""LLaVA family adapter: ``LlavaForConditionalGeneration`` (CLIP/SigLIP tower, MLP projector,
+Llama/Mistral/Qwen2-style decoder), transformers v5 layout.
+
+Every image gives the same number of visual tokens (``image_seq_length``), one row of position
+ids, and the image's tokens stand in one contiguous run of ``image_token_id`` in ``input_ids``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vlmopt.errors import VlmoptError
+from vlmopt.frontend.family import Adapter, register_family
+from vlmopt.ir import blocks
+
+
+@register_family
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_types = ("llava",)
+    architectures = ("LlavaForConditionalGeneration",)
+
+    @classmethod
+    def hf_class_for(cls, model_type: str):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def feature_layer(self) -> int:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise VlmoptError("vision_feature_layer lists several layers; not supported yet")
+        return layer
+
+    @property
+    def drops_cls(self) -> bool:
+        return self.model.config.vision_feature_select_strategy == "default"
+
+    def vision_block(self) -> nn.Module:
+        return blocks.Vision(self.vision_tower, self.feature_layer, self.drops_cls)
+
+    def project_block(self) -> nn.Module:
+        return blocks.Project(self.projector)
+
+    def image_size(self) -> int:
+        return int(self.vision_config.image_size)
+
+    def fixed_n_visual(self) -> int:
+        return int(self.model.config.image_seq_length)

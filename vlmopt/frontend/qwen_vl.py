@@ -1,0 +1,97 @@
+"""Qwen-VL family adapter: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers v5 layout).
+
+Quirks it owns:
+- the vision tower (``model.model.visual``) takes flattened patches [N, C*tp*p*p] plus
+  ``image_grid_thw`` [n_images, 3] and ends in the patch merger (2x2 patches -> one LLM token),
+  so the ``project`` node is the identity: the merger *is* the projector, inside the tower;
+- the number of visual tokens depends on the image size (dynamic resolution);
+- M-RoPE: position ids are [3, B, T] (temporal, height, width rows) from the model's own
+  ``get_rope_index``; text tokens carry equal rows, an image's tokens its grid coordinates;
+- Qwen3-VL's deepstack: features of early ViT layers are added to the visual tokens' hidden
+  states after the first decoder layers (the capture adds ``deepstack_i`` nodes for them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmopt.frontend.family import Adapter, register_family
+from vlmopt.ir import blocks
+
+
+@register_family
+class QwenVLAdapter(Adapter):
+    family = "qwen_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "Qwen3VLForConditionalGeneration")
+    extra_inputs = ("image_grid_thw",)
+    position_rows = 3
+
+    @classmethod
+    def hf_class_for(cls, model_type: str):
+        import transformers
+
+        name = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                "qwen3_vl": "Qwen3VLForConditionalGeneration"}[model_type]
+        return getattr(transformers, name)
+
+    @classmethod
+    def load_processor(cls, path, model):
+        """Tokenizer + image processor + chat template from the checkpoint's files, without
+        transformers' Qwen processor class (it needs torchvision for its video processor)."""
+        from pathlib import Path
+
+        path = Path(path)
+        if not ((path / "preprocessor_config.json").exists()
+                or (path / "processor_config.json").exists()):
+            return None
+        from vlmopt.frontend.qwen_processor import load_qwen_processor
+
+        return QwenInputs(load_qwen_processor(path), cls(model))
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.vision_config.spatial_merge_size)
+
+    def vision_block(self) -> nn.Module:
+        return blocks.QwenVision(self.vision_tower, self.deepstack_layers())
+
+    def project_block(self) -> nn.Module:
+        return blocks.Identity()
+
+    def deepstack_layers(self) -> int:
+        return len(getattr(self.vision_config, "deepstack_visual_indexes", None) or [])
+
+    def default_positions(self, batch: dict) -> torch.Tensor:
+        """M-RoPE ids [3, B, T] with the model's own ``get_rope_index`` (needs the grids)."""
+        ids, amask = batch["input_ids"], batch["attention_mask"]
+        types = (ids == self.image_token_id).int()  # 0 text, 1 image
+        pos, _ = self.model.model.get_rope_index(ids, image_grid_thw=batch["image_grid_thw"],
+                                                 attention_mask=amask, mm_token_type_ids=types)
+        return pos
+
+
+class QwenInputs:
+    """A Qwen processor whose batches also carry the M-RoPE position ids [3, B, T], computed by
+    the model's own ``get_rope_index`` (they depend on the image grids, not on the text alone).
+    Everything else is the wrapped processor's."""
+
+    def __init__(self, processor, adapter: QwenVLAdapter):
+        self._p, self._a = processor, adapter
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def __call__(self, *args, **kwargs):
+        enc = dict(self._p(*args, **kwargs))
+        enc.pop("mm_token_type_ids", None)
+        with torch.no_grad():
+            enc["position_ids"] = self._a.default_positions(enc)
+        return enc
