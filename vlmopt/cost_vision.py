@@ -1,0 +1,151 @@
+"""Analytic FLOPs and weight bytes of the Qwen-VL vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+
+Prices the whole Hugging Face vision module (``model.model.visual``) for a list of images'
+``grid_thw`` (t, h, w in patches, before the merge): patch embedding, every block, the patch
+merger that projects into the LLM and, for Qwen3-VL, the deepstack mergers. FLOPs follow
+``vlmopt.cost``: 2 per multiply-accumulate, exactly what ``FlopCounterMode`` counts (linears
+and the patch conv without bias adds; SDPA over the full score matrix of each chunk); norms,
+activations, RoPE and the interpolated position embeddings of Qwen3-VL are free.
+
+Attention is chunked as HF's SDPA path runs it: one chunk per frame (``cu_seqlens``: t chunks
+of h*w patches per image) and, in Qwen2.5-VL's windowed blocks, one chunk per window of
+``window_size`` px cut on the merged grid, so border windows are smaller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["n_llm_tokens", "qwen_vision_breakdown", "qwen_vision_flops", "qwen_vision_param_bytes"]
+
+Grid = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Tower:
+    """The dimensions of one Qwen vision tower, read from its vision config."""
+
+    family: str  # "qwen2_vl", "qwen2_5_vl" or "qwen3_vl"
+    d: int  # hidden size inside the tower
+    m: int  # MLP intermediate size
+    mlp_mats: int  # 2 (fc1, fc2) or 3 (gate, up, down: gated SiLU)
+    depth: int
+    patch_in: int  # C * temporal_patch * patch * patch: one patch's input features
+    merge: int  # spatial merge size
+    out: int  # merger output = LLM hidden size
+    n_mergers: int  # mergers that run: the final one + deepstack ones at existing blocks
+    n_deepstack: int = 0  # deepstack mergers built (one per listed index)
+    window_blocks: int = 0  # Qwen2.5-VL: blocks with window attention
+    window: int = 0  # Qwen2.5-VL: window side in merged cells
+
+    @property
+    def merged(self) -> int:
+        return self.d * self.merge ** 2  # merger width: merge x merge patches concatenated
+
+
+def _tower(vc) -> _Tower:
+    vc = getattr(vc, "vision_config", vc)  # also accept the composite config
+    mt = vc.model_type.removesuffix("_vision")
+    if mt not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"vision_config.model_type={vc.model_type!r}: not a Qwen-VL vision tower")
+    patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    common = dict(depth=vc.depth, patch_in=patch_in, merge=vc.spatial_merge_size)
+    if mt == "qwen2_vl":  # hidden_size is the LLM width here; the tower is embed_dim wide
+        return _Tower(mt, vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), 2, out=vc.hidden_size,
+                      n_mergers=1, **common)
+    if mt == "qwen2_5_vl":
+        window = vc.window_size // vc.spatial_merge_size // vc.patch_size
+        if window < 1:
+            raise ValueError(f"window_size={vc.window_size} is under one merged cell "
+                             f"({vc.spatial_merge_size} x {vc.patch_size} px)")
+        n_full = len({i for i in vc.fullatt_block_indexes if 0 <= i < vc.depth})
+        return _Tower(mt, vc.hidden_size, vc.intermediate_size, 3, out=vc.out_hidden_size,
+                      n_mergers=1, window_blocks=vc.depth - n_full, window=window, **common)
+    # qwen3_vl. NOTE: HF builds one deepstack merger per listed index but runs it only after a
+    # block that exists
+    idx = vc.deepstack_visual_indexes
+    n_run = len({i for i in idx if 0 <= i < vc.depth})
+    return _Tower(mt, vc.hidden_size, vc.intermediate_size, 2, out=vc.out_hidden_size,
+                  n_mergers=1 + n_run, n_deepstack=len(idx), **common)
+
+def _check(s: _Tower, grids: list[Grid]) -> list[Grid]:
+    out = []
+    for g in grids:
+        t, h, w = (int(x) for x in g)
+        if min(t, h, w) < 1 or h % s.merge or w % s.merge:
+            raise ValueError(f"grid {tuple(g)}: t, h, w must be positive and h, w multiples of "
+                             f"spatial_merge_size={s.merge}")
+        out.append((t, h, w))
+    return out
+
+
+def _sides(n: int, k: int) -> list[int]:
+    """Window sides along one axis of n merged cells cut every k: full ones, then the rest."""
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+def _window_lengths(s: _Tower, t: int, h: int, w: int) -> list[int]:
+    """Tokens of every attention window of one image (as HF's ``get_vision_window_index``)."""
+    rows = _sides(h // s.merge, s.window)
+    cols = _sides(w // s.merge, s.window)
+    return [r * c * s.merge ** 2 for r in rows for c in cols] * t
+
+
+def _attn_macs(s: _Tower, lengths: list[int]) -> int:
+    # per chunk of n tokens: QK^T [heads, n, n] and A.V [heads, n, hd]; heads * hd = d, so the
+    # head count drops out
+    return sum(2 * n * n * s.d for n in lengths)
+
+
+def qwen_vision_breakdown(vision_config, grids: list[Grid]) -> dict[str, int]:
+    """FLOPs of the HF vision module for these images: "vision" (patch embedding and blocks),
+    "merger" (the patch merger into the LLM, plus Qwen3-VL's deepstack mergers) and "total".
+
+    ``vision_config``: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision config (or the composite
+    config holding it). ``grids``: one (t, h, w) per image or video, in patches before the merge.
+    """
+    s = _tower(vision_config)
+    grids = _check(s, grids)
+    n = sum(t * h * w for t, h, w in grids)  # patches in the tower
+    frames = [h * w for t, h, w in grids for _ in range(t)]  # full attention: one chunk a frame
+    conv = n * s.patch_in * s.d  # patch conv: [n, C*tp*p*p] -> [n, d]
+    per_block = (4 * n * s.d * s.d  # qkv [n, 3d] and proj [n, d]
+                 + s.mlp_mats * n * s.d * s.m)  # fc1/fc2 or gate/up/down: [n, m] and [n, d]
+    attn = (s.depth - s.window_blocks) * _attn_macs(s, frames)
+    if s.window_blocks:
+        windows = [x for t, h, w in grids for x in _window_lengths(s, t, h, w)]
+        attn += s.window_blocks * _attn_macs(s, windows)
+    vision = 2 * (conv + s.depth * per_block + attn)
+    n_merged = n // s.merge ** 2
+    # each merger: [n/merge^2, d*merge^2] -> [.., d*merge^2] -> [.., out]
+    merger = 2 * s.n_mergers * n_merged * (s.merged * s.merged + s.merged * s.out)
+    return {"vision": vision, "merger": merger, "total": vision + merger}
+
+
+def qwen_vision_flops(vision_config, grids: list[Grid]) -> int:
+    """FLOPs of the whole HF vision module (``model.model.visual``) for these images' grids."""
+    return qwen_vision_breakdown(vision_config, grids)["total"]
+
+
+def qwen_vision_param_bytes(vision_config, bytes_per_el: int) -> int:
+    """Bytes of every parameter of the HF vision module at ``bytes_per_el`` each."""
+    s = _tower(vision_config)
+    vc = getattr(vision_config, "vision_config", vision_config)
+    d, m, dm = s.d, s.m, s.merged
+    norm = d if s.family == "qwen2_5_vl" else 2 * d  # RMSNorm: weight; LayerNorm: weight + bias
+    block = (2 * norm
+             + 3 * d * d + 3 * d + d * d + d  # qkv, proj (with biases)
+             + (s.mlp_mats - 1) * (d * m + m) + m * d + d)  # fc1 (+ up) and fc2/down, biased
+    merger_linears = dm * dm + dm + dm * s.out + s.out
+    merger = norm + merger_linears  # final merger normalizes d-wide, before the shuffle
+    n = s.patch_in * d + s.depth * block + merger
+    if s.family == "qwen3_vl":
+        n += d + vc.num_position_embeddings * d  # conv bias, learned position table
+        n += s.n_deepstack * (2 * dm + merger_linears)  # deepstack: LayerNorm after shuffle
+    return n * bytes_per_el
+
+
+def n_llm_tokens(vision_config, grids: list[Grid]) -> int:
+    """Visual tokens entering the LLM: t*h*w / merge**2 per image."""
+    s = _tower(vision_config)
+    return sum(t * h * w // s.merge ** 2 for t, h, w in _check(s, grids))
