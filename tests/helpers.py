@@ -112,7 +112,7 @@ def record_modules(gm, batch, targets) -> dict:
             return res
 
     with torch.no_grad():
-        Rec(gm).run(*(batch[k] for k in GRAPH_INPUTS))
+        Rec(gm).run(*(batch[k] for k in gm.meta["vlmopt"]["inputs"]))
     return out
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from helpers import QWEN_TYPES, build_tiny_qwen, qwen_batch
+from helpers import QWEN_TYPES, build_tiny_qwen, qwen_batch, record_modules
 
 from vlmopt.frontend.load import adapter_for
 from vlmopt.ir.capture import capture, complete_inputs, node_by_block
+from vlmopt.passes import drop_tokens as dt
+from vlmopt.passes import select_visual as sv
+from vlmopt.pipeline import get_pass, run_passes
 
 GRIDS = [[1, 8, 12], [1, 10, 6]]  # two images of different sizes: 24 and 15 visual tokens
 
@@ -59,3 +64,102 @@ def test_capture_records_the_family_inputs_and_deepstack(qwen):
     n_ds = len(getattr(qwen.config.vision_config, "deepstack_visual_indexes", None) or [])
     assert len(ds) == n_ds == (2 if qwen.config.model_type == "qwen3_vl" else 0)
     assert node_by_block(gm, "vision").args[1].name == "image_grid_thw"
+
+
+# ------------------------------------------------------------------ passes on Qwen-VL graphs
+
+SAME = [[1, 8, 12], [1, 8, 12]]  # token passes batch images of one size (24 tokens each)
+
+
+def _eager_attentions(model, batch):
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = ref(**batch, output_attentions=True, logits_to_keep=1)
+    return out.attentions  # per layer [B, H, T, T]
+
+
+def _kept(gm, batch, target):
+    """Per sample, the (t, h, w) M-RoPE positions of the visual tokens a drop node keeps."""
+    _, pos, vis, amask, _ = record_modules(gm, batch, {target})[target][1]
+    return [{tuple(pos[:, b, j].tolist()) for j in range(vis.shape[1]) if vis[b, j]}
+            for b in range(vis.shape[0])]
+
+
+def test_fastv_kept_set_equals_hf_eager_attention_with_mrope(qwen):
+    batch = qwen_batch(qwen, SAME)
+    cfg = dt.Config(keep={"layer_2": 0.5})  # FastV: layer 1's last-query attention, R = 50%
+    gm, _ = run_passes(capture(qwen), [("drop_tokens", cfg)], example=batch)
+    kept = _kept(gm, batch, "drop_2")
+    att = _eager_attentions(qwen, batch)[1]
+    vis = batch["input_ids"] == 60
+    for b in range(2):
+        row = att[b].mean(0)[-1]  # [T]
+        slots = vis[b].nonzero()[:, 0]
+        top = slots[row[slots].topk(12).indices]
+        ref = {tuple(batch["position_ids"][:, b, j].tolist()) for j in top.tolist()}
+        assert kept[b] == ref, f"sample {b}: {len(kept[b] ^ ref)} positions differ"
+
+
+def test_fraction_budgets_follow_each_image_size(qwen):
+    cfg = dt.Config(keep={"layer_1": 0.5, "layer_2": 0.5}, score_at="next")
+    gm, _ = run_passes(capture(qwen), [("drop_tokens", cfg)])
+    for grid, counts in (([1, 8, 12], [24, 12, 6]), ([1, 10, 6], [15, 8, 4])):
+        batch = qwen_batch(qwen, [grid, grid])
+        rec = record_modules(gm, batch, {f"layer_{i}" for i in range(3)})
+        n_vis = [int(rec[f"layer_{i}"][0][4][0].sum()) for i in range(3)]
+        assert n_vis == counts
+
+
+def test_mixed_sizes_in_one_batch_are_refused_by_a_token_pass(qwen):
+    gm, _ = run_passes(capture(qwen), [("drop_tokens", dt.Config(keep={"layer_2": 0.5}))])
+    with pytest.raises(ValueError, match="different visual-token counts"):
+        gm(**complete_inputs(qwen_batch(qwen, GRIDS)))
+
+
+def test_selection_keeps_deepstack_features_of_the_kept_tokens(qwen):
+    """DivPrune before layer 0, against HF's own language model run on the kept tokens (their
+    embeddings, original M-RoPE ids and, for Qwen3-VL, their deepstack features)."""
+    batch = qwen_batch(qwen, SAME)
+    gm, _ = run_passes(capture(qwen), [("select_visual", sv.Config("divprune", 0.25))],
+                       example=batch)
+    hidden, pos, vis, amask, idx = record_modules(gm, batch, {"keep_visual"})["keep_visual"][1]
+    assert int(vis[0].sum()) == 6
+    with torch.no_grad():
+        out = gm(**complete_inputs(batch))
+        inner = qwen.model
+        kw = {}
+        if qwen.config.model_type == "qwen3_vl":
+            feats = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            slot_vis = batch["input_ids"] == 60
+            keep_slot = torch.zeros_like(slot_vis).scatter(1, idx, True) & slot_vis
+            order = torch.cumsum(slot_vis.flatten(), 0).view_as(slot_vis) - 1  # feature row
+            rows = order[keep_slot]
+            kw = {"visual_pos_masks": vis,
+                  "deepstack_visual_embeds": [f[rows] for f in feats.deepstack_features]}
+        lm = inner.language_model(inputs_embeds=hidden, attention_mask=amask, position_ids=pos,
+                                  **kw)
+        ref = qwen.lm_head(lm.last_hidden_state[:, -1])
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("passes", [
+    [("freeze_visual", {"layers": ["layer_1"]})],
+    [("lowrank_qk", {"q_ratio": {"_default": 0.5}, "k_ratio": {"_default": 0.5},
+                     "whiten": False})],
+    [("quantize", {"bits": {"_default": 8}})],
+    [("select_visual", {"method": "random", "keep": 0.5}),
+     ("drop_tokens", {"keep": {"layer_2": 0.5}, "score_at": "next"}),
+     ("freeze_visual", {"layers": ["layer_2"]})],
+])
+def test_every_pass_runs_and_verifies_on_qwen(qwen, passes):
+    batch = qwen_batch(qwen, SAME)
+    passes = [(name, get_pass(name).config(**cfg)) for name, cfg in passes]
+    with torch.no_grad():
+        ref = capture(qwen)(**complete_inputs(batch))
+        gm, _ = run_passes(capture(qwen), passes, example=batch)
+        out = gm(**complete_inputs(batch))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    p = ref.softmax(-1)
+    kl = (p * (p.log() - out.log_softmax(-1))).sum(-1).max().item()
+    assert kl < 0.5, kl  # a random tiny model: the rewrite changes little, not nothing

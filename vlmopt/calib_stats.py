@@ -76,7 +76,7 @@ def input_covariances(lm, records: list[Record], *, batch_size: int = 8,
         gm, proc = capture(lm), processor or lm.processor
     gram: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
-    names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
+    names = gm.meta["vlmopt"]["inputs"]
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         batch = complete_inputs(inputs.encode(proc, [r.prompt for r in chunk],

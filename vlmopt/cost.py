@@ -445,7 +445,7 @@ def measure_graph_breakdown(gm: torch.nn.Module, batch: dict) -> dict[str, int]:
                 out[n.name] = fc.get_total_flops() - before
             return res
 
-    names = ("input_ids", "pixel_values", "attention_mask", "position_ids")
+    names = gm.meta["vlmopt"]["inputs"]
     with torch.no_grad(), FlopCounterMode(display=False) as fc, fake_weights(gm):
         _Count(gm).run(*(batch[k] for k in names))
     out["total"] = fc.get_total_flops()

@@ -66,6 +66,12 @@ class QwenVLAdapter(Adapter):
     def project_block(self) -> nn.Module:
         return blocks.Identity()
 
+    def vision_example(self) -> dict:
+        """A reference image for shape checks: 8 x 8 patches (16 LLM tokens at a 2x2 merge)."""
+        v = self.vision_config
+        return {"grid": [1, 4 * self.merge_size, 4 * self.merge_size], "merge": self.merge_size,
+                "patch_dim": v.in_channels * v.temporal_patch_size * v.patch_size ** 2}
+
     def deepstack_layers(self) -> int:
         return len(getattr(self.vision_config, "deepstack_visual_indexes", None) or [])
 

@@ -99,6 +99,8 @@ def capture(model: LoadedModel | nn.Module) -> fx.GraphModule:
         "image_size": a.image_size(),
         "passes": [],
     }
+    if n_vis is None:  # dynamic resolution: the reference input for shape checks
+        gm.meta["vlmopt"]["vision_example"] = a.vision_example()
     if isinstance(model, LoadedModel):  # lets a pass rebuild calibration statistics from a plan
         gm.meta["vlmopt"]["source"] = {"path": str(model.path), "name": model.name,
                                        "fingerprint": model.fingerprint}

@@ -12,6 +12,9 @@ Errors name the pass, the node and the invariant.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -19,6 +22,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from vlmopt.cost import fake_weights
 from vlmopt.errors import VerifyError
+from vlmopt.ir.rewrite import visual_tokens
+
+log = logging.getLogger(__name__)
 
 
 def _fail(pass_name: str | None, node: str, invariant: str, detail: str) -> VerifyError:
@@ -30,16 +36,39 @@ def example_shapes(gm: fx.GraphModule, batch: int = 2, n_text: int = 16) -> dict
     """Fake-able example inputs of the captured model's real shapes."""
     info = gm.meta["vlmopt"]
     size = info["image_size"]  # NOTE: from meta: passes may replace the vision module
-    n_vis = info["n_visual"]
+    n_vis = example_n_visual(gm)
     T = n_text + n_vis
     ids = torch.full((batch, T), 1, dtype=torch.long)
     ids[:, 4:4 + n_vis] = info["image_token_id"]
-    return {
-        "input_ids": ids,
-        "pixel_values": torch.zeros(batch, 3, size, size),
-        "attention_mask": torch.ones(batch, T, dtype=torch.long),
-        "position_ids": torch.arange(T).expand(batch, T).contiguous(),
-    }
+    pos = torch.arange(T).expand(batch, T).contiguous()
+    out = {"input_ids": ids, "attention_mask": torch.ones(batch, T, dtype=torch.long),
+           "position_ids": pos if info.get("position_rows", 1) == 1 else
+           pos[None].expand(3, batch, T).contiguous()}
+    if size is not None:
+        out["pixel_values"] = torch.zeros(batch, 3, size, size)
+    else:  # dynamic resolution (Qwen-VL): one image of the reference grid per sample
+        v = info["vision_example"]
+        t, h, w = v["grid"]
+        out["pixel_values"] = torch.zeros(batch * t * h * w, v["patch_dim"])
+        out["image_grid_thw"] = torch.tensor([v["grid"]] * batch)
+    return out
+
+
+def example_n_visual(gm: fx.GraphModule) -> int:
+    """Visual tokens per image of the shape-propagation example (the fixed count, or the
+    reference grid's for dynamic resolution)."""
+    info = gm.meta["vlmopt"]
+    if info["n_visual"] is not None:
+        return info["n_visual"]
+    t, h, w = info["vision_example"]["grid"]
+    return t * h * w // info["vision_example"]["merge"] ** 2
+
+
+def _positions(pos: torch.Tensor, b: int) -> list:
+    """Sample b's position ids, one hashable per token: an int, or a (t, h, w) M-RoPE triple."""
+    if pos.dim() == 3:
+        return list(zip(*(pos[r, b].tolist() for r in range(pos.shape[0]))))
+    return pos[b].tolist()
 
 
 def _hidden_len(node: fx.Node) -> int | None:
@@ -63,31 +92,47 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
             if problem:
                 raise _fail(pass_name, name, "low-rank factors shaped like the weight", problem)
 
-    # shape propagation under fake tensors
+    # shape propagation under fake tensors. NOTE: dynamic-resolution graphs (Qwen-VL) read
+    # their image grids and visual counts as values, which fake tensors do not have: they
+    # propagate real tensors of a small reference image instead (one cheap forward), and
+    # skip this step on meta (config-only) weights.
     args = example_shapes(gm, n_text=n_text)
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake:
-        fargs = [fake.from_tensor(args[k]) for k in ("input_ids", "pixel_values",
-                                                     "attention_mask", "position_ids")]
-    try:
-        with fake_weights(gm):  # meta (config-only) and real weights alike become fake
-            ShapeProp(gm, fake_mode=fake).propagate(*fargs)
-    except Exception as e:
-        raise _fail(pass_name, "<shape propagation>", "shapes propagate",
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    dynamic = gm.meta["vlmopt"]["n_visual"] is None
+    if dynamic and any(p.is_meta for p in gm.parameters()):
+        log.info("graph on meta weights with dynamic resolution: shape propagation skipped")
+        checked = False
+    else:
+        checked = True
+        fake = None if dynamic else FakeTensorMode(allow_non_fake_inputs=True)
+        names = gm.meta["vlmopt"]["inputs"]
+        if fake is None:
+            fargs = [args[k] for k in names]
+        else:
+            with fake:
+                fargs = [fake.from_tensor(args[k]) for k in names]
+        try:
+            with contextlib.ExitStack() as stack:
+                if fake is not None:  # meta (config-only) and real weights alike become fake
+                    stack.enter_context(fake_weights(gm))
+                stack.enter_context(torch.no_grad())
+                ShapeProp(gm, fake_mode=fake).propagate(*fargs)
+        except Exception as e:
+            raise _fail(pass_name, "<shape propagation>", "shapes propagate",
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+                from None
 
     prev = None
     for n in gm.graph.nodes:
         info = n.meta.get("vlmopt", {})
-        if info.get("block") != "decoder":
+        if info.get("block") != "decoder" or not checked:
             continue
         T = _hidden_len(n)
         if T is None:
             raise _fail(pass_name, n.name, "decoder output is [B, T, D]", "no shape propagated")
         if prev is not None and prev < T:
             raise _fail(pass_name, n.name, "token counts non-increasing", f"{prev} -> {T}")
-        declared = info.get("n_visual")
-        if declared is not None and n_text + declared != T:
+        declared = visual_tokens(info, example_n_visual(gm))
+        if n_text + declared != T:
             raise _fail(pass_name, n.name, "declared visual count matches shape",
                         f"declares {declared} visual + {n_text} text but sees {T} tokens")
         prev = T
@@ -115,20 +160,22 @@ def verify_values(gm: fx.GraphModule, example: dict, *, pass_name: str | None = 
 
     ex = complete_inputs(example)
     rec = _Recorder(gm)
-    rec.run(*(ex[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids")))
+    rec.run(*(ex[k] for k in gm.meta["vlmopt"]["inputs"]))
     image_id = gm.meta["vlmopt"]["image_token_id"]
     valid = ex["attention_mask"].bool()
     for b in range(ex["input_ids"].shape[0]):
-        all_pos = ex["position_ids"][b][valid[b]]
-        text_pos = set(ex["position_ids"][b][valid[b] & (ex["input_ids"][b] != image_id)].tolist())
+        n_pad = int((~valid[b]).sum())
+        orig = _positions(ex["position_ids"], b)
+        is_text = (ex["input_ids"][b] != image_id).tolist()
+        all_pos = orig[n_pad:]
+        text_pos = {p for p, t in zip(orig[n_pad:], is_text[n_pad:]) if t}
         for target, pos in rec.seen:
             # NOTE: left padding: pads are text, never dropped, so they stay the first n_pad slots
-            n_pad = int((~valid[b]).sum())
-            got = pos[b][n_pad:].tolist()
+            got = _positions(pos, b)[n_pad:]
             if not text_pos <= set(got):
                 raise _fail(pass_name, target, "text tokens kept",
                             f"sample {b} lost positions {sorted(text_pos - set(got))[:5]}")
-            new = set(got) - set(all_pos.tolist())
+            new = set(got) - set(all_pos)
             if new:
                 raise _fail(pass_name, target, "positions unchanged for kept tokens",
                             f"sample {b} has new positions {sorted(new)[:5]}")
