@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 from helpers import QWEN_TYPES, build_tiny_qwen, qwen_batch, record_modules
+from vlmopt.passes import drop_tokens as dt
+from vlmopt.passes import select_visual as sv
 
 from vlmopt.frontend.load import adapter_for
 from vlmopt.ir.capture import capture, complete_inputs, node_by_block
-from vlmopt.passes import drop_tokens as dt
-from vlmopt.passes import select_visual as sv
 from vlmopt.pipeline import get_pass, run_passes
 
 GRIDS = [[1, 8, 12], [1, 10, 6]]  # two images of different sizes: 24 and 15 visual tokens

@@ -1,4 +1,5 @@
-"""Load a VLM checkpoint offline (any family with an adapter, vlmopt.frontend.family): safetensors only, no remote code, no network.
+"""Load a VLM checkpoint offline (any family with an adapter, vlmopt.frontend.family):
+safetensors only, no remote code, no network.
 
 ``load("builtin:synth-llava")`` or ``load("/path/to/hf/dir")``. A config-only directory (config.json
 and no weights) loads with seeded random weights, or on the meta device with ``device="meta"``, so
