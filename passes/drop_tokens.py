@@ -132,7 +132,8 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
                 s = g.call_module(scorer, (src_state.hidden, src_state.rope, st.visual,
                                            st.amask))
             s.meta["vlmopt"] = {"block": "score", "mode": "random" if config.scorer == "random"
-                                else mode, "n_visual": src.meta["vlmopt"]["n_visual"]}
+                                else mode, "n_visual": src.meta["vlmopt"]["n_visual"],
+                                "visual_keeps": list(src.meta["vlmopt"].get("visual_keeps", []))}
             d = g.call_module(dropper, (s, st.hidden, st.pos, st.visual, st.amask))
             d.meta["vlmopt"] = {"block": "drop", "keep": keep}
             return tuple(g.call_function(operator.getitem, (d, i)) for i in range(5))

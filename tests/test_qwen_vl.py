@@ -163,3 +163,30 @@ def test_every_pass_runs_and_verifies_on_qwen(qwen, passes):
     p = ref.softmax(-1)
     kl = (p * (p.log() - out.log_softmax(-1))).sum(-1).max().item()
     assert kl < 0.5, kl  # a random tiny model: the rewrite changes little, not nothing
+
+
+# ------------------------------------------------------------------ cost model
+
+@pytest.mark.parametrize("grid", [[1, 8, 12], [1, 10, 6]])
+def test_cost_model_matches_flop_counter_on_the_whole_prefill(qwen, grid):
+    from vlmopt import cost
+
+    batch = qwen_batch(qwen, [grid])
+    n_text = int(batch["input_ids"].shape[1]) - int(grid[1] * grid[2] // 4)
+    s = cost.ModelShapes.from_config(qwen.config, grids=[grid])
+    analytic = cost.prefill_flops(s, cost.baseline_layers(s, n_text))
+    measured = cost.measure_prefill_breakdown(qwen, batch, fake=False)
+    assert s.n_visual == grid[1] * grid[2] // 4
+    assert measured["total"] == analytic["total"], (measured, analytic)
+    assert measured["vision"] == analytic["vision"] + analytic["project"]  # merger in the tower
+    for i in range(3):
+        assert measured[f"layer_{i}"] == analytic[f"layer_{i}"]
+
+
+def test_cost_model_counts_every_parameter(qwen):
+    from vlmopt import cost
+
+    s = cost.ModelShapes.from_config(qwen.config)
+    wb = cost.weight_bytes(s, bytes_per_el=4)
+    n = sum(p.numel() for p in qwen.parameters())
+    assert wb["total"] == 4 * n, (wb["total"], 4 * n)

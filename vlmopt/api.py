@@ -11,6 +11,7 @@ from vlmopt.frontend.load import LoadedModel
 from vlmopt.frontend.load import load as _load
 from vlmopt.ir.capture import capture as _capture
 from vlmopt.ir.capture import decoder_nodes
+from vlmopt.ir.rewrite import visual_tokens
 from vlmopt.plan import Plan
 
 DEFAULT_TEXT_TOKENS = 32
@@ -44,14 +45,19 @@ def apply_plan(lm: LoadedModel, plan: Plan | str | os.PathLike | dict, *, verify
     return gm
 
 
-def layer_specs(gm: fx.GraphModule, n_text: int):
-    """The cost model's view of each decoder node of a (rewritten) graph."""
+def layer_specs(gm: fx.GraphModule, n_text: int, n_visual: int | None = None):
+    """The cost model's view of each decoder node of a (rewritten) graph; ``n_visual``: the
+    visual tokens of the sample's image(s) entering the LLM (dynamic resolution)."""
     from vlmopt.cost import LayerSpec
+    from vlmopt.ir.rewrite import visual_tokens
 
     specs = []
     for n in decoder_nodes(gm):
         info = n.meta["vlmopt"]
-        nv = info["n_visual"]
+        nv = info["n_visual"] if n_visual is None else visual_tokens(info, n_visual)
+        if nv is None:
+            raise ValueError("this model's visual-token count follows the image size: "
+                             "give the image's count")
         specs.append(LayerSpec(n_tokens=n_text + nv, n_visual=nv,
                                frozen_visual=bool(info.get("frozen", False)),
                                q_rank=info.get("q_rank"), k_rank=info.get("k_rank"),
@@ -73,23 +79,42 @@ def _weight_bytes(shapes, gm: fx.GraphModule, specs) -> dict:
     return cost.weight_bytes(shapes, specs, node_bits=node_bits, group_size=group)
 
 
+def image_grids(lm: LoadedModel, image_size: tuple[int, int] | None) -> list | None:
+    """Patch grids of one ``(height, width)`` image for a dynamic-resolution model (None: the
+    cost model's reference image); a fixed-resolution model takes only its own size."""
+    if lm.adapter.fixed_n_visual() is not None:
+        native = lm.adapter.image_size()
+        if image_size is not None and tuple(image_size) != (native, native):
+            raise ValueError(f"{lm.name} takes {native}x{native} images only (fixed resolution)")
+        return None
+    if image_size is None:
+        return None
+    from vlmopt.frontend.qwen_vl import image_grid
+
+    return [image_grid(lm.path, lm.config.vision_config, *image_size)]
+
+
 def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
-          n_text: int = DEFAULT_TEXT_TOKENS) -> dict:
+          n_text: int = DEFAULT_TEXT_TOKENS, image_size: tuple[int, int] | None = None) -> dict:
     """Analytic prefill FLOPs per node of ``graph`` (default: the original), its ratio to the
-    original, decode FLOPs per token and KV-cache bytes per layer, for ``n_text`` text tokens."""
+    original, decode FLOPs per token and KV-cache bytes per layer, for ``n_text`` text tokens
+    and (dynamic-resolution models) one ``(height, width)`` image."""
     from vlmopt import cost
 
-    shapes = cost.ModelShapes.from_config(lm.config)
+    grids = image_grids(lm, image_size)
+    shapes = cost.ModelShapes.from_config(lm.config, grids=grids)
+    n0 = shapes.n_visual if shapes.family != "llava" else None
     base_gm = _capture(lm)
     gm = graph if graph is not None else base_gm
-    base = cost.prefill_flops(shapes, layer_specs(base_gm, n_text))
-    specs = layer_specs(gm, n_text)
+    base = cost.prefill_flops(shapes, layer_specs(base_gm, n_text, n0))
+    specs = layer_specs(gm, n_text, n0)
     n_in = gm.meta["vlmopt"].get("n_visual_project")
     opt = cost.prefill_flops(shapes, specs, n_visual_in=n_in)
     for n in gm.graph.nodes:  # explicit scorers are part of the optimized model's cost
         info = n.meta.get("vlmopt", {})
         if info.get("block") == "score":
-            opt[n.name] = cost.score_flops(shapes, n_text + info["n_visual"], info["mode"])
+            nv = info["n_visual"] if n0 is None else visual_tokens(info, n0)
+            opt[n.name] = cost.score_flops(shapes, n_text + nv, info["mode"])
             opt["total"] += opt[n.name]
         extra = cost.select_flops(shapes, info) if "select_op" in info else 0
         if extra:  # select_visual's explicit matmuls (the vision node's CLS attention included)
@@ -97,9 +122,13 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
             opt["total"] += extra
     kv_len = [s.n_tokens for s in specs]
     wbytes = _weight_bytes(shapes, gm, specs)
+    vision = opt["vision"] + opt["project"]
     return {
         "n_text": n_text,
         "n_visual": shapes.n_visual,
+        "image_grids": [list(g) for g in shapes.grids],
+        "vision_share": vision / opt["total"],
+        "llm_ratio": (opt["total"] - vision) / (base["total"] - base["vision"] - base["project"]),
         "per_node": opt,
         "total": opt["total"],
         "original_total": base["total"],

@@ -33,6 +33,22 @@ def _nonneg(flag: str):
     return _int_flag(flag, 0)
 
 
+def _image_size(flag: str):
+    """WIDTHxHEIGHT (or one side for a square), positive pixels."""
+    def parse(v: str) -> tuple[int, int]:
+        parts = v.lower().split("x")
+        try:
+            w, h = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+        except ValueError:
+            w = h = 0
+        if w <= 0 or h <= 0:
+            raise argparse.ArgumentTypeError(f"{flag}: expected WIDTHxHEIGHT or one side in "
+                                             f"pixels, got {v!r}")
+        return h, w
+
+    return parse
+
+
 def _progress(total: int, desc: str):
     """A rich progress bar on a terminal; nothing otherwise. Returns (advance, close)."""
     if not sys.stderr.isatty():
@@ -139,7 +155,10 @@ def cmd_flops(args) -> int:
 
     lm = _load_for_cost(args.model)
     graph = apply_plan(lm, args.plan, verify=True) if args.plan else None
-    res = flops(lm, graph, n_text=args.prompt_tokens)
+    try:
+        res = flops(lm, graph, n_text=args.prompt_tokens, image_size=args.image_size)
+    except ValueError as e:
+        raise VlmoptError(f"--image-size: {e}") from None
     if args.json:
         print(json.dumps({"model": args.model, "plan": args.plan, **res}, indent=2))
         return 0
@@ -147,7 +166,8 @@ def cmd_flops(args) -> int:
     from rich.table import Table
 
     t = Table(title=f"prefill FLOPs: {args.model}" + (f" + {args.plan}" if args.plan else "")
-              + f" ({res['n_visual']} visual + {res['n_text']} text tokens)")
+              + f" ({res['n_visual']} visual + {res['n_text']} text tokens"
+              + (f", image grid {res['image_grids'][0]}" if res["image_grids"] else "") + ")")
     t.add_column("node")
     t.add_column("visual tokens", justify="right")
     t.add_column("GFLOPs", justify="right")
@@ -160,7 +180,8 @@ def cmd_flops(args) -> int:
         t.add_row(k, nv, f"{v / 1e9:,.3f}", f"{v / res['total']:.1%}")
     Console().print(t)
     print(f"total {res['total'] / 1e12:.4f} TFLOPs  original {res['original_total'] / 1e12:.4f} "
-          f"TFLOPs  ratio {res['ratio']:.4f}")
+          f"TFLOPs  ratio {res['ratio']:.4f}  LLM ratio {res['llm_ratio']:.4f}  vision tower "
+          f"(+ projector) share {res['vision_share']:.1%}")
     print(f"decode {res['decode_flops_per_token'] / 1e9:.3f} GFLOPs/token  KV cache "
           f"{sum(res['kv_cache_bytes_per_layer']) / 2**20:.2f} MiB")
     print(f"weights {res['weight_bytes_total'] / 2**20:.2f} MiB  original "
@@ -373,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--plan", help="plan.json to apply before counting")
     f.add_argument("--prompt-tokens", type=_nonneg("--prompt-tokens"), default=32,
                    help="text (non-visual) prompt tokens per sample (default 32)")
+    f.add_argument("--image-size", type=_image_size("--image-size"), metavar="WxH",
+                   help="image size for dynamic-resolution models (Qwen-VL), sized by the "
+                        "checkpoint's own image processor (default: 448x448)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=cmd_flops)
 

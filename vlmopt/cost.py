@@ -16,14 +16,18 @@ import contextlib
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 log = logging.getLogger(__name__)
 
 _HALF = {torch.float16, torch.bfloat16}
-_GATED_DECODERS = {"llama", "qwen2", "mistral"}
+_GATED_DECODERS = {"llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text",
+                   "qwen3_vl_text"}
+QWEN_VL_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+# Qwen-VL reference image when none is given: 448 x 448 (the papers' and model cards' size)
+DEFAULT_IMAGE_PX = 448
 
 
 def _dtype_bytes(dtype) -> int:
@@ -65,6 +69,11 @@ class ModelShapes:
     mlp_bias: bool = False
     tied_embeddings: bool = False
     bytes_per_el: int = 2
+    # dynamic-resolution towers (Qwen-VL): priced by vlmopt.cost_vision for these images
+    family: str = "llava"
+    vision_config: object = field(default=None, compare=False, hash=False, repr=False)
+    grids: tuple = ()  # one (t, h, w) per image of a sample, in patches before the merge
+    qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3)
 
     @property
     def d_q(self) -> int:
@@ -78,8 +87,21 @@ class ModelShapes:
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def at_grids(self, grids) -> ModelShapes:
+        """The same model with one sample's images of these (t, h, w) patch grids (Qwen-VL)."""
+        from vlmopt import cost_vision
+
+        if self.family != "qwen_vl":
+            raise ValueError("a fixed-resolution model has no image grids")
+        grids = tuple(tuple(int(x) for x in g) for g in grids)
+        return replace(self, grids=grids,
+                       n_visual=cost_vision.n_llm_tokens(self.vision_config, list(grids)))
+
     @classmethod
-    def from_config(cls, config, *, bytes_per_el: int | None = None) -> ModelShapes:
+    def from_config(cls, config, *, bytes_per_el: int | None = None,
+                    grids=None) -> ModelShapes:
+        if config.model_type in QWEN_VL_TYPES:
+            return cls._from_qwen(config, bytes_per_el, grids)
         vc, tc = config.vision_config, config.text_config
         if vc.model_type != "clip_vision_model":
             log.warning("vision tower %s: modelled as a CLIP ViT (extra heads are not counted)",
@@ -116,6 +138,37 @@ class ModelShapes:
                                  or getattr(config, "tie_word_embeddings", False)),
             bytes_per_el=bytes_per_el,
         )
+
+
+    @classmethod
+    def _from_qwen(cls, config, bytes_per_el, grids) -> ModelShapes:
+        vc, tc = config.vision_config, config.text_config
+        heads = tc.num_attention_heads
+        if bytes_per_el is None:
+            bytes_per_el = _dtype_bytes(getattr(tc, "dtype", None) or getattr(config, "dtype",
+                                                                                None))
+        merge = vc.spatial_merge_size
+        if grids is None:  # the reference image, rounded to whole merged cells
+            side = max(1, round(DEFAULT_IMAGE_PX / (vc.patch_size * merge))) * merge
+            grids = [(1, side, side)]
+        qwen3 = config.model_type == "qwen3_vl"
+        width = getattr(vc, "embed_dim", None) or vc.hidden_size  # Qwen2-VL: embed_dim
+        s = cls(
+            vision_hidden=width, vision_intermediate=getattr(vc, "intermediate_size", 0) or 0,
+            vision_layers=vc.depth, vision_heads=vc.num_heads, image_size=0,
+            patch_size=vc.patch_size, num_channels=vc.in_channels, n_vision_tokens=0,
+            has_cls=False, n_feature_layers=1, proj_in=width * merge ** 2,
+            projector_bias=True, d=tc.hidden_size, m=tc.intermediate_size,
+            n_layers=tc.num_hidden_layers, heads=heads,
+            kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            vocab=tc.vocab_size, n_visual=0, qkv_bias=not qwen3 or bool(
+                getattr(tc, "attention_bias", False)),
+            o_bias=qwen3 and bool(getattr(tc, "attention_bias", False)),
+            tied_embeddings=bool(getattr(tc, "tie_word_embeddings", False)
+                                 or getattr(config, "tie_word_embeddings", False)),
+            bytes_per_el=bytes_per_el, family="qwen_vl", vision_config=vc, qk_norm=qwen3)
+        return s.at_grids(grids)
 
 
 @dataclass(frozen=True)
@@ -157,7 +210,12 @@ def layer_flops(s: ModelShapes, spec: LayerSpec) -> int:
 
 
 def vision_flops(s: ModelShapes) -> int:
-    """FLOPs of the whole CLIP tower for one image, as HF runs it (every encoder layer)."""
+    """FLOPs of the whole CLIP tower for one image, as HF runs it (every encoder layer); for
+    Qwen-VL the tower without its merger, for the sample's image grids (vlmopt.cost_vision)."""
+    if s.family == "qwen_vl":
+        from vlmopt.cost_vision import qwen_vision_breakdown
+
+        return qwen_vision_breakdown(s.vision_config, list(s.grids))["vision"]
     h, n = s.vision_hidden, s.n_vision_tokens
     conv = s.n_patches * h * s.num_channels * s.patch_size ** 2  # patch_embedding conv
     per_layer = (4 * n * h * h  # q, k, v, o: [n, h] -> [n, h]
@@ -167,6 +225,10 @@ def vision_flops(s: ModelShapes) -> int:
 
 
 def projector_flops(s: ModelShapes, n_tokens: int) -> int:
+    if s.family == "qwen_vl":  # the patch merger (+ deepstack mergers) inside the tower
+        from vlmopt.cost_vision import qwen_vision_breakdown
+
+        return qwen_vision_breakdown(s.vision_config, list(s.grids))["merger"]
     # [n, proj_in] -> [n, d] -> [n, d]
     return 2 * n_tokens * (s.proj_in * s.d + s.d * s.d)
 
@@ -272,11 +334,16 @@ def weight_bytes(s: ModelShapes, layers: list[LayerSpec] | None = None,
            "project": (matrix_bytes(s.d, s.proj_in, pb.get("linear_1", 0), group_size, b, b)
                        + matrix_bytes(s.d, s.d, pb.get("linear_2", 0), group_size, b, b)
                        + b * 2 * s.d * int(s.projector_bias))}
+    if s.family == "qwen_vl":  # the merger's parameters are the tower's
+        from vlmopt.cost_vision import qwen_vision_param_bytes
+
+        out["vision"], out["project"] = qwen_vision_param_bytes(s.vision_config, b), 0
     for li in range(s.n_layers):
         spec = layers[li] if layers else LayerSpec(0, 0)
         bits = dict(spec.bits)
         out[f"layer_{li}"] = b * (
             2 * s.d  # 2 RMSNorms
+            + 2 * s.head_dim * int(s.qk_norm)  # per-head q/k RMSNorm (Qwen3)
             + (s.d_q + 2 * s.d_kv) * int(s.qkv_bias) + s.d * int(s.o_bias)
             + ((s.ffn_mats - 1) * s.m + s.d) * int(s.mlp_bias)) + sum(
             matrix_bytes(d_out, d_in, _bits_of(bits, path), spec.group_size, b, b)
@@ -344,13 +411,16 @@ def fake_weights(model: torch.nn.Module):
             store[name] = t
 
 
-def measure_prefill_breakdown(model: torch.nn.Module, batch: dict) -> dict[str, int]:
+def measure_prefill_breakdown(model: torch.nn.Module, batch: dict, *,
+                              fake: bool = True) -> dict[str, int]:
     """FlopCounterMode FLOPs of one prefill forward, per node (keys as ``prefill_flops``).
 
     ``model``: a LlavaForConditionalGeneration with real, meta or fake parameters; real and meta
     ones are swapped for fake tensors (``fake_weights``), so nothing is computed
     or allocated. ``batch``: input_ids, pixel_values, attention_mask... as real tensors (the
     image-token count check needs real input_ids). "other" holds FLOPs outside the named nodes.
+    ``fake=False`` runs the real weights (small models whose forward indexes by a data-dependent
+    mask, e.g. Qwen3-VL's deepstack, which fake tensors cannot do).
     """
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils.flop_counter import FlopCounterMode
@@ -359,7 +429,7 @@ def measure_prefill_breakdown(model: torch.nn.Module, batch: dict) -> dict[str, 
     kwargs = dict(batch, logits_to_keep=1, use_cache=False)
     first = next(model.parameters())
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        if isinstance(first, FakeTensor):
+        if isinstance(first, FakeTensor) or not fake:
             model(**kwargs)
         else:
             with fake_weights(model):  # real inputs meet fake weights
@@ -367,7 +437,7 @@ def measure_prefill_breakdown(model: torch.nn.Module, batch: dict) -> dict[str, 
     out: dict[str, int] = {}
     for mod, counts in fc.get_flop_counts().items():
         n = sum(counts.values())
-        if mod.endswith(".vision_tower"):
+        if mod.endswith(".vision_tower") or mod.endswith(".visual"):
             out["vision"] = n
         elif mod.endswith(".multi_modal_projector"):
             out["project"] = n

@@ -48,6 +48,8 @@ class QwenVLAdapter(Adapter):
         if not ((path / "preprocessor_config.json").exists()
                 or (path / "processor_config.json").exists()):
             return None
+        if not ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+            return None  # a config-only directory may carry just the image processor's sizes
         from vlmopt.frontend.qwen_processor import load_qwen_processor
 
         return QwenInputs(load_qwen_processor(path), cls(model))
@@ -82,6 +84,25 @@ class QwenVLAdapter(Adapter):
         pos, _ = self.model.model.get_rope_index(ids, image_grid_thw=batch["image_grid_thw"],
                                                  attention_mask=amask, mm_token_type_ids=types)
         return pos
+
+
+def image_grid(path, vision_config, height: int, width: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of a ``height`` x ``width`` image as the checkpoint's own image
+    processor sizes it (its preprocessor_config.json; transformers' defaults without one)."""
+    import json
+    from pathlib import Path
+
+    from vlmopt.preprocess_qwen import QwenImageConfig, grid_for_size, image_config
+
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            cfg = image_config(json.loads(f.read_text()))
+            break
+    else:
+        cfg = QwenImageConfig(patch_size=vision_config.patch_size,
+                              merge_size=vision_config.spatial_merge_size)
+    return grid_for_size(height, width, cfg)
 
 
 class QwenInputs:
