@@ -44,6 +44,9 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
 
     for name, method in (("VisionZip", "visionzip"), ("DivPrune", "divprune"),
                          ("random", "random"), ("downsampling", "pool")):
+        if space.dynamic and method in ("visionzip", "pool"):
+            continue  # they need a fixed CLS-ranked / square grid (dynamic resolution has none)
+
         def select(c, method=method):
             return Candidate(snap([int(c)] * L, N, method), method)
 

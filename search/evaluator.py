@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from vlmopt import inputs
 from vlmopt.data.dataset import Record
-from vlmopt.evaluation import answer_token
+from vlmopt.evaluation import answer_token, record_batches
 from vlmopt.ir.capture import INPUTS, capture, complete_inputs
 from vlmopt.pipeline import make_config, run_passes
 
@@ -102,6 +102,8 @@ class Evaluator:
     def __init__(self, lm, records: list[Record], *, batch_size: int = 32,
                  cache_bytes: int = 3 << 30):
         self.lm = lm
+        chunks = record_batches(records, batch_size, lm.processor)  # one image size a batch
+        records = [r for c in chunks for r in c]
         self.records = records
         self.base = capture(lm)
         self._hf_ids = {id(m) for m in lm.model.modules()}
@@ -112,8 +114,7 @@ class Evaluator:
         self.seconds = 0.0
         tok = lm.processor.tokenizer
         self.batches = []
-        for i in range(0, len(records), batch_size):
-            chunk = records[i:i + batch_size]
+        for chunk in chunks:
             self.batches.append(complete_inputs(inputs.encode(
                 lm.processor, [r.prompt for r in chunk], [r.load_image() for r in chunk])))
         self.answers = [answer_token(tok, r.answer) if r.answer is not None else None

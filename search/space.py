@@ -38,12 +38,19 @@ class Candidate:
     score_at: str = "previous"  # FastV scores at the layer before a cut; PyramidDrop "next"
     extra: tuple = field(default=())  # further (pass, fields) steps, e.g. lowrank_qk/quantize
 
-    def steps(self, n_visual: int) -> list[tuple[str, dict]]:
+    def steps(self, n_visual: int, fractions: bool = False) -> list[tuple[str, dict]]:
+        """The plan steps; ``fractions``: budgets as fractions of what reaches each cut (a
+        dynamic-resolution model, whose counts follow the image; ``n_visual`` is then the
+        reference image's count), 0 staying the count 0."""
+        def budget(c: int, of: int):
+            return c / of if fractions and c else c
+
         steps: list[tuple[str, dict]] = []
         cur = n_visual
         if self.counts[0] < n_visual:
-            method = self.select if self.select != "none" else "visionzip"
-            fields = {"method": method, "keep": self.counts[0]}
+            method = self.select if self.select != "none" else (
+                "divprune" if fractions else "visionzip")
+            fields = {"method": method, "keep": budget(self.counts[0], n_visual)}
             if method == "visionzip":
                 fields["contextual"] = visionzip_contextual(self.counts[0])
             steps.append(("select_visual", fields))
@@ -51,7 +58,8 @@ class Candidate:
         keep = {}
         for i, c in enumerate(self.counts[1:], 1):
             if c < cur:
-                keep[f"layer_{i}"] = cur = c
+                keep[f"layer_{i}"] = budget(c, cur)
+                cur = c
         if keep:
             fields = {"keep": keep, "scorer": self.scorer}
             if self.score_at != "previous":
@@ -114,17 +122,39 @@ def sigmoid_counts(n_layers: int, n_start: int, k: float, l0: float, r_min: floa
 
 
 class Space:
-    """Costs candidates for one model and one mean text length; caches by plan."""
+    """Costs candidates for one model and one mean text length; caches by plan.
 
-    def __init__(self, lm, n_text: int, evaluator=None):
+    Dynamic-resolution models (Qwen-VL): candidates are counted at the reference image (the
+    calibration set's most common size), their plans carry fractions (``steps_of``), and FLOPs
+    are summed over the calibration images' sizes, so the target holds on the calibration set.
+    """
+
+    def __init__(self, lm, n_text: int, evaluator=None, image_sizes: dict | None = None):
+        from collections import Counter
+
+        from vlmopt.evaluation import image_size
+
         self.lm, self.n_text, self.evaluator = lm, n_text, evaluator
         cfg = lm.config
-        self.n_visual = int(cfg.image_seq_length)
         self.n_layers = int(cfg.text_config.num_hidden_layers)
-        self.shapes = cost.ModelShapes.from_config(cfg)
+        self.dynamic = lm.adapter.fixed_n_visual() is None
+        self.sizes: dict = {None: 1}  # (height, width) -> images; None: the model's own size
+        if self.dynamic:
+            if image_sizes is None and evaluator is not None:
+                wh = Counter(image_size(r) for r in evaluator.records)
+                image_sizes = {(h, w): n for (w, h), n in wh.items()}
+            self.sizes = dict(image_sizes or {(cost.DEFAULT_IMAGE_PX,) * 2: 1})
+        ref = max(self.sizes, key=lambda k: self.sizes[k])
+        self.shapes = cost.ModelShapes.from_config(cfg, grids=api.image_grids(lm, ref))
+        self.n_visual = self.shapes.n_visual
+        # the default selection: VisionZip ranks by CLS attention, which CLS-free towers lack
+        self.default_select = "divprune" if self.dynamic else "visionzip"
+        self.select_methods = ("none", "divprune") if self.dynamic else SEARCH_SELECT
         self._ratios: dict[str, dict] = {}
-        self.fixed = cost.vision_flops(self.shapes)  # what no token pass reduces
         self.base = self.flops([])
+
+    def steps_of(self, cand: Candidate) -> list[tuple[str, dict]]:
+        return cand.steps(self.n_visual, fractions=self.dynamic)
 
     def flops(self, steps: list[tuple[str, dict]]) -> dict:
         """{"total", "llm", "ratio_total", "ratio_llm", "per_node"} for a plan's steps."""
@@ -134,12 +164,20 @@ class Space:
         if key in self._ratios:
             return self._ratios[key]
         gm = self._build(steps)
-        f = api.flops(self.lm, gm, n_text=self.n_text)
-        n_in = gm.meta["vlmopt"].get("n_visual_project") or self.n_visual
-        llm = f["total"] - self.fixed - cost.projector_flops(self.shapes, n_in)
-        base_llm = f["original_total"] - self.fixed - cost.projector_flops(self.shapes,
-                                                                           self.n_visual)
-        out = {"total": f["total"], "llm": llm, "ratio_total": f["ratio"],
+        tot = llm = base_tot = base_llm = 0
+        for size, n in self.sizes.items():  # summed over the calibration images
+            f = api.flops(self.lm, gm, n_text=self.n_text, image_size=size)
+            shapes = self.shapes if size is None else cost.ModelShapes.from_config(
+                self.lm.config, grids=api.image_grids(self.lm, size))
+            fixed = cost.vision_flops(shapes)  # what no token pass reduces
+            n_in = gm.meta["vlmopt"].get("n_visual_project") or shapes.n_visual
+            tot += n * f["total"]
+            base_tot += n * f["original_total"]
+            llm += n * (f["total"] - fixed - cost.projector_flops(shapes, n_in))
+            base_llm += n * (f["original_total"] - fixed
+                             - cost.projector_flops(shapes, shapes.n_visual))
+        out = {"total": tot / sum(self.sizes.values()), "llm": llm / sum(self.sizes.values()),
+               "ratio_total": tot / base_tot,
                "ratio_llm": llm / base_llm, "per_node": f["per_node"],
                "visual_tokens_per_layer": f["visual_tokens_per_layer"],
                "weight_bytes": f["weight_bytes_total"],
@@ -159,7 +197,7 @@ class Space:
             if steps else gm
 
     def ratio(self, cand: Candidate | list, scope: str) -> float:
-        steps = cand.steps(self.n_visual) if isinstance(cand, Candidate) else cand
+        steps = self.steps_of(cand) if isinstance(cand, Candidate) else cand
         return self.flops(steps)[f"ratio_{scope}"]
 
     def minimum(self, scope: str) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import optuna
-from vlmopt.search.space import SEARCH_SELECT, Candidate, sigmoid_counts, snap
+from vlmopt.search.space import Candidate, sigmoid_counts, snap
 from vlmopt.search.study import Context, TrialRecord
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ def gsearch(ctx: Context, *, tolerance: float = 0.01) -> TrialRecord:
         if s is not None:
             cand = Candidate(snap([N] + [c * s for c in counts[1:]], N, "none"))
         else:  # even layer 0 must shrink: select before the LLM, same shape
-            s = ctx.space.fit(lambda x: Candidate(snap([c * x for c in counts], N, "visionzip"),
-                                                  "visionzip"), 0.0, 1.0, ctx.target, ctx.scope)
-            cand = Candidate(snap([c * (s or 0.0) for c in counts], N, "visionzip"), "visionzip")
+            sel = sp.default_select
+            s = ctx.space.fit(lambda x: Candidate(snap([c * x for c in counts], N, sel), sel),
+                              0.0, 1.0, ctx.target, ctx.scope)
+            cand = Candidate(snap([c * (s or 0.0) for c in counts], N, sel), sel)
     return ctx.measure(cand, "gsearch")
 
 
@@ -69,9 +70,9 @@ def psigmoid(ctx: Context, n_trials: int, *, source: str = "psigmoid") -> TrialR
     N, L = sp.n_visual, sp.n_layers
     n_start = N
     if not ctx.feasible(Candidate(tuple([N] + [0] * (L - 1)))):  # layer 0 alone is over
-        n_start = sp.fit(lambda c: Candidate(tuple([c] + [0] * (L - 1)), "visionzip"),
+        n_start = sp.fit(lambda c: Candidate(tuple([c] + [0] * (L - 1)), sp.default_select),
                          1, N, ctx.target, ctx.scope, integer=True) or 1
-    select = "none" if n_start == N else "visionzip"
+    select = "none" if n_start == N else sp.default_select
 
     def objective(trial: optuna.Trial) -> float:
         k = trial.suggest_float("k", 0.3, 12.0, log=True)
@@ -86,15 +87,16 @@ def psigmoid(ctx: Context, n_trials: int, *, source: str = "psigmoid") -> TrialR
 
 
 def joint(ctx: Context, n_trials: int, *, freeze_order: list[str],
-          select_methods: tuple[str, ...] = SEARCH_SELECT,
+          select_methods: tuple[str, ...] | None = None,
           max_frozen_frac: float = 0.6) -> TrialRecord | None:
     """Token schedule + where visual tokens are selected before the LLM + ShortV layers, searched
-    together: select method (space.SEARCH_SELECT by default) and keep
+    together: select method (the space's ``select_methods`` by default) and keep
     fraction, sigmoid (k, r_min) with l0 solved for the budget, the number of frozen layers
     (lowest Layer Contribution first) and the scorer."""
     sp = ctx.space
     N, L = sp.n_visual, sp.n_layers
     max_frozen = round(L * max_frozen_frac)
+    select_methods = select_methods or sp.select_methods
 
     def objective(trial: optuna.Trial) -> float:
         select = trial.suggest_categorical("select", list(select_methods))

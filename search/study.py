@@ -142,7 +142,7 @@ class Context:
         measurement of the fidelity curve, which is never chosen if over the target). Records
         the trial: into ``trial`` when a strategy's optuna trial is running, else as a new
         finished trial."""
-        steps = cand.steps(self.space.n_visual)
+        steps = self.space.steps_of(cand)
         if trial is None:  # a resumed run re-walks its strategy: record each plan once
             for r in self.records:
                 if r.source == source and r.steps == steps:

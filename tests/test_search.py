@@ -10,7 +10,14 @@ import pytest
 import torch
 from vlmopt.search import baselines, strategies
 from vlmopt.search.evaluator import Evaluator, Metrics
-from vlmopt.search.space import Candidate, Space, counts_of, sigmoid_counts, snap
+from vlmopt.search.space import (
+    SEARCH_SELECT,
+    Candidate,
+    Space,
+    counts_of,
+    sigmoid_counts,
+    snap,
+)
 from vlmopt.search.study import Context, open_study
 
 N, L = 64, 8
@@ -22,6 +29,8 @@ class ToySpace(Space):
 
     def __init__(self):
         self.n_visual, self.n_layers, self._ratios = N, L, {}
+        self.dynamic, self.default_select = False, "visionzip"
+        self.select_methods = SEARCH_SELECT
         self.base = self.flops([])
 
     def flops(self, steps):

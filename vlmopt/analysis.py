@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vlmopt import inputs
 from vlmopt.data.dataset import Record, cache_dir
+from vlmopt.evaluation import record_batches
 from vlmopt.ir.capture import capture, complete_inputs, decoder_nodes
 from vlmopt.pipeline import make_config, run_passes
 
@@ -44,8 +45,7 @@ def layer_contribution(lm, records: list[Record], *, batch_size: int = 16,
                                  make_config("freeze_visual", {"layers": [f"layer_{i}"]}))],
                          verify=False)[0] for i in range(n_layers)]
     totals = [0.0] * n_layers
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+    for chunk in record_batches(records, batch_size, lm.processor):
         batch = complete_inputs(inputs.encode(lm.processor, [r.prompt for r in chunk],
                                               [r.load_image() for r in chunk]))
         logp = F.log_softmax(base(**batch).float(), -1)  # [B, V]

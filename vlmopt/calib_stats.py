@@ -23,6 +23,7 @@ from torch import fx
 
 from vlmopt import inputs
 from vlmopt.data.dataset import Record, cache_dir, load_records
+from vlmopt.evaluation import record_batches
 from vlmopt.ir.capture import capture, complete_inputs
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ def input_covariances(lm, records: list[Record], *, batch_size: int = 8,
     gram: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
     names = gm.meta["vlmopt"]["inputs"]
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+    for chunk in record_batches(records, batch_size, proc):
         batch = complete_inputs(inputs.encode(proc, [r.prompt for r in chunk],
                                               [r.load_image() for r in chunk]))
         _Collect(gm, gram, count).run(*(batch[k] for k in names))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vlmopt import api, inputs
 from vlmopt.data.dataset import Record
-from vlmopt.evaluation import answer_token
+from vlmopt.evaluation import answer_token, record_batches
 from vlmopt.ir.capture import capture, complete_inputs
 from vlmopt.pipeline import make_config, registry, run_passes
 
@@ -80,8 +80,7 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
     hits, agree, kls = defaultdict(list), defaultdict(list), defaultdict(list)
     per_type = defaultdict(lambda: defaultdict(list))
     first = None
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
+    for chunk in record_batches(records, batch_size, lm.processor):
         batch = complete_inputs(inputs.encode(lm.processor, [r.prompt for r in chunk],
                                               [r.load_image() for r in chunk]))
         first = first or batch

@@ -58,6 +58,35 @@ def answer_token(tokenizer, answer: str) -> int:
     return ids[0] if ids else -1
 
 
+def batches(records: list[Record], batch_size: int, processor) -> list[list[int]]:
+    """Record indices in batches. A dynamic-resolution processor (Qwen-VL) gets batches of one
+    image size each: token passes keep a number of visual tokens that follows the image's, and
+    a batch must stay rectangular. Otherwise consecutive records, as they come."""
+    order = list(range(len(records)))
+    if not getattr(processor, "dynamic_resolution", False):
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[image_size(r)].append(i)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def record_batches(records: list[Record], batch_size: int, processor) -> list[list[Record]]:
+    """The records in ``batches`` order, one list a batch."""
+    return [[records[i] for i in idx] for idx in batches(records, batch_size, processor)]
+
+
+def image_size(r: Record) -> tuple[int, int]:
+    """(width, height) from the image header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(r.image) as im:
+            return im.size
+    except OSError:
+        return r.load_image().size  # raises the record's own error line
+
+
 @torch.no_grad()
 def evaluate(runner: Runner, records: list[Record], processor, *,
              reference: Runner | None = None, batch_size: int = 16,
@@ -68,12 +97,13 @@ def evaluate(runner: Runner, records: list[Record], processor, *,
     ``blank_image`` feeds a flat grey image to the runner (the reference still sees the image).
     """
     tok = processor.tokenizer
-    preds, agree, kls = [], [], []
+    preds: list[str] = [""] * len(records)
+    agree, kls = [], []
     hits: dict[str, list[bool]] = defaultdict(list)
     answers: dict[str, list[str]] = defaultdict(list)
     elapsed = 0.0
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
+    for idx in batches(records, batch_size, processor):
+        chunk = [records[i] for i in idx]
         images = [r.load_image() for r in chunk]
         prompts = [r.prompt for r in chunk]
         batch = inputs.encode(processor, prompts,
@@ -88,9 +118,8 @@ def evaluate(runner: Runner, records: list[Record], processor, *,
         logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
         kls += (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0).tolist()  # KL(ref||run)
         agree += (logits.argmax(-1) == ref.argmax(-1)).tolist()
-        for r, tid in zip(chunk, logits.argmax(-1).tolist()):
-            pred = tok.decode([tid]).strip()
-            preds.append(pred)
+        for i, r, tid in zip(idx, chunk, logits.argmax(-1).tolist()):
+            preds[i] = tok.decode([tid]).strip()
             if r.answer is not None:
                 t = r.type or "all"
                 hits[t].append(tid == answer_token(tok, r.answer))

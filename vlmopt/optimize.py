@@ -258,7 +258,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         if cand is None:
             rows.append({"method": name, "steps": None, "unreachable": True})
             continue
-        steps = cand.steps(space.n_visual)
+        steps = space.steps_of(cand)
         f = space.flops(steps)
         rows.append({"method": name, "steps": steps, "ratio_llm": f["ratio_llm"],
                      "ratio_total": f["ratio_total"],

@@ -84,16 +84,20 @@ def set_visual_budget(node: fx.Node, keep: int | float) -> None:
     while it depends on the image size), ``visual_keeps`` every budget applied so far in order,
     so the count at any input size is ``visual_tokens(meta, n0)``."""
     info = node.meta["vlmopt"]
+    from vlmopt.ir.tokens import keep_count
+
     info["visual_keeps"] = [*info.get("visual_keeps", []), keep]
     if isinstance(keep, int):
         info["n_visual"] = keep
     elif info["n_visual"] is not None:
-        info["n_visual"] = max(1, min(info["n_visual"], int(keep * info["n_visual"] + 0.5)))
+        info["n_visual"] = keep_count(keep, info["n_visual"])
 
 
 def visual_tokens(info: dict, n0: int) -> int:
     """Visual tokens reaching a decoder node (meta ``info``) for an image of ``n0`` tokens."""
+    from vlmopt.ir.tokens import keep_count
+
     n = n0
     for keep in info.get("visual_keeps", []):
-        n = keep if isinstance(keep, int) else max(1, min(n, int(keep * n + 0.5)))
+        n = keep if isinstance(keep, int) else keep_count(keep, n)
     return n

@@ -8,6 +8,7 @@ matrix is built for the FastV/PyramidDrop scorer.
 from __future__ import annotations
 
 import sys
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -51,9 +52,12 @@ def visual_count(visual_mask: torch.Tensor, static: int | None) -> int:
 
 
 def keep_count(keep: int | float, n: int) -> int:
-    """A budget at ``n`` visual tokens: a count, or a fraction of the n (at least 1)."""
+    """A budget at ``n`` visual tokens: a count, or a fraction of the n, rounded half up, at
+    least 1. NOTE: integer arithmetic on the fraction's exact ratio, so a symbolic n (export
+    with dynamic resolution) gives the same count as eager."""
     if isinstance(keep, float):
-        return max(1, min(n, int(keep * n + 0.5)))
+        p, q = Fraction(keep).as_integer_ratio()
+        return max(1, min(n, (2 * n * p + q) // (2 * q)))
     if keep > n:
         raise ValueError(f"keep={keep} but only {n} visual tokens reach this point")
     return keep
