@@ -189,3 +189,67 @@ def qwen_batch(model, grids, n_text=(3, 4), seed: int = 0) -> dict:
              "image_grid_thw": grids}
     batch["position_ids"] = adapter_for(model).default_positions(batch)
     return batch
+
+
+def make_tiny_qwen_dir(path, model_type: str = "qwen2_5_vl") -> Path:
+    """A tiny Qwen-VL checkpoint directory over synth-qwen's vocabulary and processor files
+    (safetensors weights, seeded): loadable by vlmopt and by transformers alone."""
+    import transformers as tf
+
+    from vlmopt.frontend import synth_qwen
+
+    vocab = synth_qwen.vocabulary()
+    ids = {t: vocab.index(t) for t in synth_qwen.SPECIALS}
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                bos_token_id=None, eos_token_id=ids[synth_qwen.IM_END],
+                pad_token_id=ids[synth_qwen.PAD],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [1, 1, 2]})
+    common = dict(patch_size=synth_qwen.PATCH, spatial_merge_size=synth_qwen.MERGE,
+                  temporal_patch_size=synth_qwen.TEMPORAL, in_channels=3)
+    tok_ids = dict(image_token_id=ids[synth_qwen.IMAGE_TOKEN],
+                   video_token_id=ids[synth_qwen.VIDEO_TOKEN],
+                   vision_start_token_id=ids[synth_qwen.VISION_START],
+                   vision_end_token_id=ids[synth_qwen.VISION_END])
+    if model_type == "qwen2_vl":
+        vis = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, **common)
+        cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vis, **tok_ids)
+    elif model_type == "qwen2_5_vl":
+        vis = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                   out_hidden_size=32, window_size=synth_qwen.WINDOW,
+                   fullatt_block_indexes=[1], **common)
+        cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vis, **tok_ids)
+    else:
+        text["head_dim"] = 8
+        vis = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                   out_hidden_size=32, num_position_embeddings=64,
+                   deepstack_visual_indexes=[0], **common)
+        cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vis, **tok_ids)
+    from vlmopt.frontend.qwen_vl import QwenVLAdapter
+
+    torch.manual_seed(0)
+    model = QwenVLAdapter.hf_class_for(model_type)(cfg).eval()
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    synth_qwen.save_processor(path, vocab)
+    return path
+
+
+def write_mixed_size_data(src_jsonl: Path, out: Path, sizes=((112, 112), (96, 128))) -> Path:
+    """A copy of a SynthVQA dataset whose images alternate between ``sizes`` (W, H)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, line in enumerate(src_jsonl.read_text().splitlines()):
+        rec = json.loads(line)
+        im = Image.open(src_jsonl.parent / rec["image"]).convert("RGB")
+        im = im.resize(sizes[i % len(sizes)])
+        name = f"img_{i}.png"
+        im.save(out / name)
+        rec["image"] = name
+        lines.append(json.dumps(rec))
+    (out / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return out / "data.jsonl"

@@ -254,13 +254,13 @@ def accuracy(arts: dict, data: str, limit: int, n_tokens: int = 4) -> dict:
     """First-token accuracy of each ONNX variant on ``data``, and greedy-token agreement of the
     quantized decode graphs with the fp32 one (teacher-forced on the fp32 tokens)."""
     from vlmopt.data.dataset import load_records
-    from vlmopt.runtime import Preprocessor
+    from vlmopt.runtime import preprocessor
 
     records = load_records(data, limit=limit)
     res = {}
     base = arts.get("ort/optimized")
     for name, art in arts.items():
-        pre = Preprocessor(art.root / art.manifest["processor"])
+        pre = preprocessor(art)
         hits, agree, total = 0, 0, 0
         for r in records:
             feeds = pre.encode([r.prompt], [r.load_image()])

@@ -342,13 +342,13 @@ def _emit_calib(model: str, calib: str | None, lm) -> list:
 
 def cmd_run(args) -> int:
     # NOTE: ONNX Runtime alone; nothing on this path may import torch (tests/test_runtime.py)
-    from vlmopt.runtime import Artifact, Preprocessor
+    from vlmopt.runtime import Artifact, preprocessor
 
     art = Artifact(args.out, provider=args.provider)
     if not art.manifest.get("processor"):
         raise VlmoptError(f"{args.out}: the artifact has no processor files (made from a "
                           "config-only model); vlmopt run needs them")
-    pre = Preprocessor(art.root / art.manifest["processor"])
+    pre = preprocessor(art)
     image = Path(args.image)
     if not image.is_file():
         raise VlmoptError(f"--image {image}: no such file")

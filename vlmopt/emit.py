@@ -44,10 +44,11 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "tokenizer.model")
 
 
-def io_names(n_layers: int) -> dict[str, list[str]]:
+def io_names(n_layers: int, layout: tuple[str, ...] = ()) -> dict[str, list[str]]:
     per = [f"{{}}.{i}.{k}" for i in range(n_layers) for k in ("key", "value", "mask")]
     present = [p.format("present") for p in per]
-    return {"prefill_in": ["input_ids", "pixel_values", "attention_mask", "position_ids"],
+    return {"prefill_in": ["input_ids", "pixel_values", "attention_mask", "position_ids",
+                           *layout],
             "prefill_out": ["logits", "next_position_ids", *present],
             "decode_in": ["input_ids", "position_ids", *(p.format("past") for p in per)],
             "decode_out": ["logits", "next_position_ids", *present]}
@@ -56,10 +57,60 @@ def io_names(n_layers: int) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- inputs
 
 
+def dynamic(gm: fx.GraphModule) -> bool:
+    """A dynamic-resolution graph (Qwen-VL): exported and checked at batch 1."""
+    return gm.meta["vlmopt"]["n_visual"] is None
+
+
+def layout_names(gm: fx.GraphModule) -> tuple[str, ...]:
+    from vlmopt.export_vision import LAYOUT_INPUTS
+
+    return LAYOUT_INPUTS[gm.meta["vlmopt"]["model_type"]] if dynamic(gm) else ()
+
+
+def export_feeds(gm: fx.GraphModule, batch: dict) -> dict[str, torch.Tensor]:
+    """The prefill graph's inputs for a graph batch: the image grids become layout tensors."""
+    feeds = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
+                                   "position_ids")}  # NOTE: the graphs' input order
+    if dynamic(gm):
+        from vlmopt.export_vision import layout_tensors
+
+        feeds.update(layout_tensors(gm.meta["vlmopt"]["layout"], batch["image_grid_thw"]))
+    return feeds
+
+
+def _synthetic_dynamic(gm: fx.GraphModule, vocab: int, n_text: int, seed: int) -> dict:
+    """One prompt around one image of the reference grid, M-RoPE positions from the layout."""
+    from vlmopt import qwen_layout
+
+    meta = gm.meta["vlmopt"]
+    v = meta["vision_example"]
+    g = torch.Generator().manual_seed(seed)
+    nv, img = example_tokens(v), meta["image_token_id"]
+    ids = torch.randint(5, vocab, (n_text,), generator=g)
+    ids[ids == img] = 5
+    ids = torch.cat([ids[:2], torch.full((nv,), img), ids[2:]])[None]
+    amask = torch.ones_like(ids)
+    grids = torch.tensor([v["grid"]])
+    pos = qwen_layout.mrope_positions(ids.numpy(), amask.numpy(), grids.numpy(), img, v["merge"])
+    t, h, w = v["grid"]
+    return {"input_ids": ids, "attention_mask": amask, "position_ids": torch.from_numpy(pos),
+            "pixel_values": torch.randn(t * h * w, v["patch_dim"], generator=g),
+            "image_grid_thw": grids}
+
+
+def example_tokens(v: dict) -> int:
+    t, h, w = v["grid"]
+    return t * h * w // v["merge"] ** 2
+
+
 def synthetic_batch(gm: fx.GraphModule, vocab: int, n: int = 2, n_text: int = 8,
                     seed: int = 0, ragged: bool = True) -> dict[str, torch.Tensor]:
     """Random prompts of ``n_text`` text tokens around one image block (for models without
-    processor files); ``ragged``: sample i has i more tokens, so the batch is left-padded."""
+    processor files); ``ragged``: sample i has i more tokens, so the batch is left-padded.
+    Dynamic resolution: one sample of the reference grid (the export batch is 1)."""
+    if dynamic(gm):
+        return _synthetic_dynamic(gm, vocab, n_text, seed)
     meta = gm.meta["vlmopt"]
     nv, img, size = meta.get("n_visual_project", meta["n_visual"]), meta["image_token_id"], \
         meta["image_size"]
@@ -152,25 +203,37 @@ def _export(module, args: tuple, kwargs: dict, dynamic_shapes, in_names, out_nam
 def export_graphs(gm: fx.GraphModule, batch: dict, onnx_dir: Path) -> None:
     """Write onnx/prefill.onnx and onnx/decode.onnx for the graph ``gm``."""
     n_layers = len(decoder_nodes(gm))
-    names = io_names(n_layers)
+    names = io_names(n_layers, layout_names(gm))
     B, S = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("prompt_len", max=1 << 20)
     pf = PrefillForm(gm).eval()
     ds = {"input_ids": {0: B, 1: S}, "pixel_values": {0: B}, "attention_mask": {0: B, 1: S},
           "position_ids": {0: B, 1: S}}
+    feeds = export_feeds(gm, batch)
+    if dynamic(gm):  # batch 1; patches = merge^2 x the LLM's visual tokens
+        B = None
+        M = torch.export.Dim("visual_tokens", min=1, max=1 << 16)
+        N = pf.unit * M
+        ds = {"input_ids": {1: S}, "pixel_values": {0: N}, "attention_mask": {1: S},
+              "position_ids": {2: S}, "vision_pos": {0: N}, "frame_seg": {0: N},
+              "window_index": {0: M}, "window_seg": {0: N}, "interp_idx": {0: N},
+              "interp_w": {0: N}}
+        ds = {k: v for k, v in ds.items() if k in feeds}
     with torch.no_grad():
-        _export(pf, (), dict(batch), ds, names["prefill_in"], names["prefill_out"],
+        _export(pf, (), feeds, ds, names["prefill_in"], names["prefill_out"],
                 onnx_dir / "prefill.onnx")
-        out = pf(**batch)
+        out = pf(**feeds)
     tok = out[0].argmax(-1, keepdim=True)  # [B, 1]
     past = list(out[2:])
     pds = []
+    batch_dim = {} if B is None else {0: B}
     for i in range(n_layers):  # layer i's cache length: its own symbol, shared by k, v, mask
         P = torch.export.Dim(f"past_{i}", min=1, max=1 << 20)
-        pds += [{0: B, 2: P}, {0: B, 2: P}, {0: B, 1: P}]
+        pds += [{**batch_dim, 2: P}, {**batch_dim, 2: P}, {**batch_dim, 1: P}]
     df = DecodeForm(gm).eval()
+    pos_dim = {} if B is None else ({1: B} if out[1].dim() == 3 else {0: B})
     with torch.no_grad():
         _export(df, (tok, out[1], past), {},
-                {"input_ids": {0: B}, "position_ids": {0: B}, "past": pds},
+                {"input_ids": batch_dim, "position_ids": pos_dim, "past": pds},
                 names["decode_in"], names["decode_out"], onnx_dir / "decode.onnx")
 
 
@@ -206,9 +269,10 @@ def check_parity(art: runtime.Artifact, gm: fx.GraphModule, batch: dict, names: 
     with torch.no_grad():
         ref_logits = gm(**batch).float().numpy()  # the block graph itself, first token
     margins = decision_margins(gm, batch) if _margin_modules(gm) else None
-    feeds = {k: v.numpy() for k, v in batch.items()}
+    tfeeds = export_feeds(gm, batch)
+    feeds = {k: v.numpy() for k, v in tfeeds.items()}
     eos = art.manifest["tokens"].get("eos_token_id")
-    t_tok, t_steps = torch_generate(gm, batch, max_new, eos)
+    t_tok, t_steps = torch_generate(gm, tfeeds, max_new, eos)
     o_tok, o_steps = art.generate_ids(feeds, max_new)
     worst, flips = 0.0, []
     for i, name in enumerate(names):
@@ -243,6 +307,17 @@ def check_parity(art: runtime.Artifact, gm: fx.GraphModule, batch: dict, names: 
 
 
 # ----------------------------------------------------------------------------- package
+
+
+def merge_parity(results: list[dict]) -> dict:
+    """One parity record over per-sample checks (dynamic resolution checks one at a time)."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    out["samples"] = sum(r["samples"] for r in results)
+    out["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in results)
+    out["tokens"] = max(r["tokens"] for r in results)
+    return out
 
 
 def copy_processor(src: Path, dst: Path) -> list[str]:
@@ -288,7 +363,14 @@ def emit(lm, gm: fx.GraphModule, out_dir: Path, calib_records: list, *,
     out = Path(out_dir)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    batch, names = calib_batch(lm, gm, calib_records, parity_samples)
+    if dynamic(gm):  # batch 1: one parity sample a batch (the images may differ in size)
+        singles = [calib_batch(lm, gm, [r], 1) for r in calib_records[:parity_samples]] or \
+            [(synthetic_batch(gm, int(lm.config.text_config.vocab_size), seed=i),
+              [f"synthetic #{i}"]) for i in range(2)]
+        batch, names = singles[0]
+    else:
+        batch, names = calib_batch(lm, gm, calib_records, parity_samples)
+        singles = [(batch, names)]
     log.info("exporting prefill and decode graphs (%d layers)", len(decoder_nodes(gm)))
     export_graphs(gm, batch, onnx_dir)
     from vlmopt.emit_quant import lower_quant_linears
@@ -301,17 +383,17 @@ def emit(lm, gm: fx.GraphModule, out_dir: Path, calib_records: list, *,
     # NOTE: checksums last (hashing GBs twice is slow); the runtime needs only the graphs here
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     art = runtime.Artifact(out, verify=False)
-    manifest["parity"] = check_parity(art, gm, batch, names)
+    manifest["parity"] = merge_parity([check_parity(art, gm, b, n) for b, n in singles])
     log.info("parity: %s", manifest["parity"])
     if quantize:
-        ref_tok, _ = art.generate_ids({k: v.numpy() for k, v in batch.items()}, PARITY_TOKENS)
+        qfeeds = {k: v.numpy() for k, v in export_feeds(gm, batch).items()}
+        ref_tok, _ = art.generate_ids(qfeeds, PARITY_TOKENS)
         del art
         from vlmopt.emit_quant import quantize_decode
 
         quantize_decode(onnx_dir / "decode.onnx", quantize)
         manifest["graphs"]["decode"].update(_graph_io(onnx_dir / "decode.onnx"))
-        q_tok, _ = runtime.Artifact(out, verify=False).generate_ids(
-            {k: v.numpy() for k, v in batch.items()}, PARITY_TOKENS)
+        q_tok, _ = runtime.Artifact(out, verify=False).generate_ids(qfeeds, PARITY_TOKENS)
         n = min(ref_tok.shape[1], q_tok.shape[1])
         manifest["quantize"] = {"mode": quantize, "graph": "decode",
                                 "token_agreement": float((ref_tok[:, :n] == q_tok[:, :n]).mean())}
@@ -326,6 +408,16 @@ def build_manifest(lm, gm: fx.GraphModule, out: Path, processor: list[str]) -> d
     first = gm.get_submodule(decs[0].target).layer.self_attn
     meta = gm.meta["vlmopt"]
     n_vis = [d.meta["vlmopt"]["n_visual"] for d in decs]
+    image = {"size": meta["image_size"], "n_visual": meta.get("n_visual_project",
+                                                              meta["n_visual"]),
+             "image_token_id": meta["image_token_id"]}
+    kv_len = [f"n_text + {v}" for v in n_vis]
+    if dynamic(gm):  # counts follow the image: each layer's budgets, in order
+        image.update(dynamic=True, layout=meta["layout"])
+        n_vis = [d.meta["vlmopt"].get("visual_keeps", []) for d in decs]
+        kv_len = [f"n_text + visual tokens after budgets {v}" for v in n_vis]
+    else:
+        image["image_seq_length"] = int(cfg.image_seq_length)
     gen = {}
     if (lm.path / "generation_config.json").is_file():
         gen = json.loads((lm.path / "generation_config.json").read_text())
@@ -343,11 +435,8 @@ def build_manifest(lm, gm: fx.GraphModule, out: Path, processor: list[str]) -> d
                "head_dim": int(first.head_dim), "dtype": "float32",
                # layer i's cache after prefill holds n_text + n_visual[i] tokens
                "n_visual_per_layer": n_vis,
-               "length_per_layer": [f"n_text + {v}" for v in n_vis]},
-        "image": {"size": meta["image_size"], "n_visual": meta.get("n_visual_project",
-                                                                   meta["n_visual"]),
-                  "image_token_id": meta["image_token_id"],
-                  "image_seq_length": int(cfg.image_seq_length)},
+               "length_per_layer": kv_len},
+        "image": image,
         "tokens": {"eos_token_id": eos, "vocab_size": tc.vocab_size,
                    "pad_token_id": next((p for p in (getattr(cfg, "pad_token_id", None),
                                                      getattr(tc, "pad_token_id", None))
@@ -370,13 +459,40 @@ def artifact_eval(root, data: str | None, plan: str | None = None):
     m = art.manifest
     if not m.get("processor"):
         raise VlmoptError(f"{root}: the artifact has no processor files; evaluation needs them")
-    from transformers import AutoProcessor
-
     from vlmopt.cli import default_data
 
-    processor = AutoProcessor.from_pretrained(Path(root) / m["processor"],
-                                              local_files_only=True, trust_remote_code=False)
+    proc_dir = Path(root) / m["processor"]
     data = default_data(m["model"]["name"], data)
+    if art.dynamic:  # Qwen-VL: one prompt a prefill call, layout inputs from the grids
+        from vlmopt.export_vision import layout_feeds
+        from vlmopt.frontend.qwen_processor import load_qwen_processor
+        from vlmopt.frontend.qwen_vl import QwenInputs
+
+        layout = m["image"]["layout"]
+        processor = QwenInputs(load_qwen_processor(proc_dir),
+                               image_token_id=m["image"]["image_token_id"],
+                               merge=layout["merge"])
+
+        def run(batch: dict) -> torch.Tensor:
+            rows, start = [], 0
+            grids = batch["image_grid_thw"].numpy()
+            for b in range(batch["input_ids"].shape[0]):  # one image per prompt
+                keep = batch["attention_mask"][b].bool().numpy()
+                n = int(grids[b].prod())
+                feeds = {"input_ids": batch["input_ids"][b:b + 1, keep].numpy(),
+                         "attention_mask": batch["attention_mask"][b:b + 1, keep].numpy(),
+                         "position_ids": batch["position_ids"][:, b:b + 1, keep].numpy(),
+                         "pixel_values": batch["pixel_values"][start:start + n].numpy(),
+                         **layout_feeds(layout, grids[b:b + 1])}
+                start += n
+                rows.append(art.logits(feeds)[0])
+            return torch.from_numpy(np.stack(rows)).float()
+
+        return run, processor, data
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(proc_dir, local_files_only=True,
+                                              trust_remote_code=False)
 
     def run(batch: dict) -> torch.Tensor:
         feeds = {k: v.numpy() for k, v in complete_inputs(batch).items()}

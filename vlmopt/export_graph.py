@@ -6,14 +6,18 @@ q/k/v/o projections called as modules, its rotary function, SDPA with an explici
 that also returns that layer's keys (post-RoPE) and values. Every other node (vision, select,
 score, drop, ...) runs its graph module unchanged, so the drops are in the exported graph.
 
-    prefill(input_ids, pixel_values, attention_mask, position_ids)
-        -> logits [B, V], next_position_ids [B, 1],
+    prefill(input_ids, pixel_values, attention_mask, position_ids[, layout inputs])
+        -> logits [B, V], next_position_ids [B, 1] ([3, B, 1] for M-RoPE),
            per layer i: key_i, value_i [B, KV, T_i, hd], mask_i [B, T_i] (int64)
     decode(input_ids [B, 1], position_ids [B, 1], past: per layer (key_i, value_i, mask_i))
         -> logits [B, V], next_position_ids [B, 1], present per layer with T_i + 1
 
 T_i is layer i's own token count after the drops before it. Kept tokens keep their original
 position ids, so the next position is the last prompt position + 1 in every layer.
+
+Dynamic-resolution families (Qwen-VL) export at batch 1: the vision node runs its export form
+(vlmopt.export_vision, layout tensors as inputs), and the visual-token count of each token change
+is derived from the patch count (a shape), so fraction budgets stay symbolic in the graph.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import fx, nn
 from vlmopt.errors import VlmoptError
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.frozen import FrozenDecoder
-from vlmopt.ir.tokens import _rotary_fn
+from vlmopt.ir.tokens import KeepTopK, _rotary_fn, keep_count, qk_heads
 
 
 def _block(node: fx.Node) -> str | None:
@@ -52,9 +56,7 @@ def _qkv(layer: nn.Module, h: torch.Tensor, rows: torch.Tensor, cos, sin, cos_q,
     attn = layer.self_attn
     H, KV, hd = _heads(attn)
     B, T, _ = h.shape
-    Tq = rows.shape[1]
-    q = attn.q_proj(rows).view(B, Tq, H, hd).transpose(1, 2)
-    k = attn.k_proj(h).view(B, T, KV, hd).transpose(1, 2)
+    q, k = qk_heads(attn, rows, h)  # [B, H, Tq, hd], [B, KV, T, hd] (q/k norms: Qwen3)
     v = attn.v_proj(h).view(B, T, KV, hd).transpose(1, 2)
     rot = _rotary_fn(attn)
     q, _ = rot(q, q, cos_q, sin_q)
@@ -131,10 +133,34 @@ class PrefillForm(nn.Module):
         self._nodes = list(gm.graph.nodes)
         for n in decoder_nodes(gm):
             _check_decoder(gm.get_submodule(n.target), n.name)
+        self.dynamic = gm.meta["vlmopt"]["n_visual"] is None
+        self.vision = None
+        if self.dynamic:
+            from vlmopt.export_vision import QwenVisionExport
 
-    def forward(self, input_ids, pixel_values, attention_mask, position_ids):
+            for n in self._nodes:
+                mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+                if _block(n) == "vision":
+                    self.vision = QwenVisionExport(mod.tower, mod.n_deepstack)
+                elif mod is not None and hasattr(mod, "decision_margin"):
+                    raise VlmoptError(f"emit: node {n.name!r}: a greedy selection's loop length "
+                                      "follows the image size on this model; it is not "
+                                      "exportable yet (use drop_tokens, random selection or "
+                                      "freeze_visual)")
+            self.unit = self.vision.unit
+
+    def forward(self, input_ids, pixel_values, attention_mask, position_ids, vision_pos=None,
+                frame_seg=None, window_index=None, window_seg=None, interp_idx=None,
+                interp_w=None):
         feeds = {"input_ids": input_ids, "pixel_values": pixel_values,
-                 "attention_mask": attention_mask, "position_ids": position_ids}
+                 "attention_mask": attention_mask, "position_ids": position_ids,
+                 "image_grid_thw": None}
+        layout = {k: v for k, v in (("vision_pos", vision_pos), ("frame_seg", frame_seg),
+                                    ("window_index", window_index), ("window_seg", window_seg),
+                                    ("interp_idx", interp_idx), ("interp_w", interp_w))
+                  if v is not None}
+        # NOTE: batch 1 with dynamic resolution: the visual tokens of the prompt, a shape
+        n_cur = pixel_values.shape[0] // self.unit if self.dynamic else None
         env: dict[fx.Node, object] = {}
         present: list[torch.Tensor] = []
 
@@ -155,11 +181,21 @@ class PrefillForm(nn.Module):
                 blk = _block(n)
                 if blk == "mask":  # explicit attention below builds its own boolean masks
                     env[n] = None
+                elif blk == "vision" and self.vision is not None:
+                    env[n] = self.vision(pixel_values, **layout)
+                elif self.dynamic and isinstance(mod, KeepTopK):
+                    mod.n_visual = n_cur  # the symbolic count, for this call only
+                    try:
+                        env[n] = mod(*val(n.args))
+                    finally:
+                        mod.n_visual = None
+                    n_cur = keep_count(mod.keep, n_cur)
                 elif blk == "decoder":
                     hidden, _, rope, _, visual, amask = val(n.args)[:6]
                     layer = mod.layer
                     if isinstance(mod, FrozenDecoder):
-                        h, k, v = prefill_frozen(layer, mod.n_visual, hidden, rope, visual, amask)
+                        nv = mod.n_visual if mod.n_visual is not None else n_cur
+                        h, k, v = prefill_frozen(layer, nv, hidden, rope, visual, amask)
                     else:
                         h, k, v = prefill_dense(layer, hidden, rope, amask)
                     env[n] = h
@@ -168,7 +204,7 @@ class PrefillForm(nn.Module):
                     env[n] = mod(*val(n.args), **val(n.kwargs))
             elif n.op == "output":
                 logits = val(n.args[0])
-        next_pos = position_ids[:, -1:] + 1  # [B, 1]
+        next_pos = position_ids[..., -1:] + 1  # [B, 1], or [3, B, 1] (M-RoPE)
         return (logits, next_pos, *present)
 
 
@@ -203,6 +239,10 @@ class DecodeForm(nn.Module):
         return (logits, position_ids + 1, *present)
 
 
-def kv_lengths(gm: fx.GraphModule, n_text: int) -> list[int]:
-    """Per-layer KV length after prefill for prompts of ``n_text`` non-visual tokens."""
-    return [n_text + n.meta["vlmopt"]["n_visual"] for n in decoder_nodes(gm)]
+def kv_lengths(gm: fx.GraphModule, n_text: int, n_visual: int | None = None) -> list[int]:
+    """Per-layer KV length after prefill for prompts of ``n_text`` non-visual tokens (and, for
+    dynamic resolution, ``n_visual`` visual tokens entering the LLM)."""
+    from vlmopt.ir.rewrite import visual_tokens
+
+    return [n_text + (n.meta["vlmopt"]["n_visual"] if n_visual is None
+                      else visual_tokens(n.meta["vlmopt"], n_visual)) for n in decoder_nodes(gm)]

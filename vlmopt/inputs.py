@@ -11,7 +11,12 @@ from vlmopt.errors import VlmoptError
 def chat_text(processor, prompt: str) -> str:
     """The prompt wrapped in the checkpoint's chat template (unchanged if it has none)."""
     if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template([{"role": "user", "content": prompt}],
+        content = prompt
+        if getattr(processor, "dynamic_resolution", False):  # Qwen-VL: the image is a part
+            from vlmopt.runtime import image_parts
+
+            content = image_parts(prompt)
+        return processor.apply_chat_template([{"role": "user", "content": content}],
                                              add_generation_prompt=True, tokenize=False)
     return prompt
 

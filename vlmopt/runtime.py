@@ -155,12 +155,21 @@ class Artifact:
         """Last-position logits [B, V] of the prompt (the first generated token's)."""
         return self.run_prefill(feeds)[0]
 
+    @property
+    def dynamic(self) -> bool:
+        """Dynamic resolution (Qwen-VL): the graphs take one prompt at a time."""
+        return bool(self.manifest.get("image", {}).get("dynamic"))
+
     def generate(self, pre: Preprocessor, prompts: list[str], images: list,
                  max_new_tokens: int = 16) -> list[str]:
-        toks, _ = self.generate_ids(pre.encode(prompts, images), max_new_tokens)
+        if self.dynamic:
+            rows = [self.generate_ids(pre.encode([p], [im]), max_new_tokens)[0][0].tolist()
+                    for p, im in zip(prompts, images)]
+        else:
+            rows = self.generate_ids(pre.encode(prompts, images), max_new_tokens)[0].tolist()
         eos = self.manifest["tokens"].get("eos_token_id")
         texts = []
-        for row in toks.tolist():
+        for row in rows:
             if eos in row:
                 row = row[:row.index(eos)]
             texts.append(pre.decode(row))
@@ -168,6 +177,16 @@ class Artifact:
 
 
 # ----------------------------------------------------------------------------- preprocessing
+
+
+def preprocessor(art: Artifact) -> Preprocessor:
+    """The artifact's own preprocessing: LLaVA's, or Qwen-VL's (dynamic resolution)."""
+    if not art.manifest.get("processor"):
+        raise VlmoptError(f"{art.root}: the artifact has no processor files")
+    root = art.root / art.manifest["processor"]
+    if art.dynamic:
+        return QwenPreprocessor(root, art.manifest["image"]["layout"])
+    return Preprocessor(root)
 
 
 def _token_str(v) -> str | None:
@@ -321,3 +340,77 @@ class Preprocessor:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class QwenPreprocessor(Preprocessor):
+    """Qwen-VL preprocessing without transformers: the image processor's resize and patches
+    (vlmopt.preprocess_qwen), the chat template with the image as a content part, the image pad
+    expanded to the image's token count, M-RoPE positions and the vision layout inputs
+    (vlmopt.qwen_layout). One prompt per call: the graphs run at batch 1."""
+
+    def __init__(self, root, layout: dict):
+        super().__init__(root)
+        from vlmopt import preprocess_qwen
+
+        self.qcfg = preprocess_qwen.image_config(self.image_cfg)
+        self.layout = layout
+        tcfg = self._json("tokenizer_config.json")
+        extra = tcfg.get("extra_special_tokens") or {}
+        self.pad_token = extra.get("image_token") if isinstance(extra, dict) else None
+        self.pad_token = self.pad_token or preprocess_qwen.IMAGE_PAD
+        self.image_id = self.tokenizer.token_to_id(self.pad_token)
+        if self.image_id is None:
+            raise VlmoptError(f"{self.root}: the tokenizer has no {self.pad_token} token")
+
+    def chat_text(self, prompt: str) -> str:
+        if not self.chat_template:
+            return prompt.replace("<image>", self.pad_token)
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=[{"role": "user", "content": image_parts(prompt)}],
+            add_generation_prompt=True, **self.special)
+
+    def encode(self, prompts: list[str], images: list) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        from vlmopt import preprocess_qwen, qwen_layout
+        from vlmopt.export_vision import layout_feeds
+
+        if len(prompts) != 1 or len(images) != 1:
+            raise VlmoptError("a dynamic-resolution artifact takes one prompt and image a call")
+        prompt, image = prompts[0], images[0]
+        if prompt.count("<image>") != 1:
+            raise VlmoptError(f"prompt must contain <image> exactly once: {prompt!r}")
+        if isinstance(image, (str, Path)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise VlmoptError(f"--image {image}: not an image ({e})") from None
+        patches, grid = preprocess_qwen.pixels(image, self.qcfg)
+        n = preprocess_qwen.n_tokens(grid, self.qcfg.merge_size)
+        text = preprocess_qwen.expand_image_tokens(self.chat_text(prompt), n, self.pad_token)
+        ids = np.array([self.tokenizer.encode(text, add_special_tokens=True).ids],
+                       dtype=np.int64)
+        mask = np.ones_like(ids)
+        grids = grid[None]
+        pos = qwen_layout.mrope_positions(ids, mask, grids, self.image_id, self.qcfg.merge_size)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                "pixel_values": patches, **layout_feeds(self.layout, grids)}
+
+
+def image_parts(prompt: str) -> list[dict]:
+    """A prompt with one ``<image>`` as chat content parts: text, image, text."""
+    before, _, after = prompt.partition("<image>")
+    parts = [{"type": "text", "text": before}] if before else []
+    parts.append({"type": "image"})
+    return parts + ([{"type": "text", "text": after}] if after else [])

@@ -74,6 +74,11 @@ class QwenVLAdapter(Adapter):
         return {"grid": [1, 4 * self.merge_size, 4 * self.merge_size], "merge": self.merge_size,
                 "patch_dim": v.in_channels * v.temporal_patch_size * v.patch_size ** 2}
 
+    def layout_spec(self) -> dict:
+        from vlmopt.export_vision import layout_spec
+
+        return layout_spec(self.config)
+
     def deepstack_layers(self) -> int:
         return len(getattr(self.vision_config, "deepstack_visual_indexes", None) or [])
 
@@ -110,8 +115,12 @@ class QwenInputs:
     the model's own ``get_rope_index`` (they depend on the image grids, not on the text alone).
     Everything else is the wrapped processor's."""
 
-    def __init__(self, processor, adapter: QwenVLAdapter):
+    dynamic_resolution = True  # visual-token counts follow the image size
+
+    def __init__(self, processor, adapter: QwenVLAdapter | None = None, *,
+                 image_token_id: int | None = None, merge: int = 2):
         self._p, self._a = processor, adapter
+        self._image_id, self._merge = image_token_id, merge
 
     def __getattr__(self, name):
         return getattr(self._p, name)
@@ -119,6 +128,13 @@ class QwenInputs:
     def __call__(self, *args, **kwargs):
         enc = dict(self._p(*args, **kwargs))
         enc.pop("mm_token_type_ids", None)
-        with torch.no_grad():
-            enc["position_ids"] = self._a.default_positions(enc)
+        if self._a is not None:
+            with torch.no_grad():
+                enc["position_ids"] = self._a.default_positions(enc)
+        else:  # no model at hand (an artifact): the same ids from vlmopt.qwen_layout
+            from vlmopt.qwen_layout import mrope_positions
+
+            enc["position_ids"] = torch.from_numpy(mrope_positions(
+                enc["input_ids"].numpy(), enc["attention_mask"].numpy(),
+                enc["image_grid_thw"].numpy(), self._image_id, self._merge))
         return enc

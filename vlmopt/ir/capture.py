@@ -101,6 +101,7 @@ def capture(model: LoadedModel | nn.Module) -> fx.GraphModule:
     }
     if n_vis is None:  # dynamic resolution: the reference input for shape checks
         gm.meta["vlmopt"]["vision_example"] = a.vision_example()
+        gm.meta["vlmopt"]["layout"] = a.layout_spec()  # what the export's layout inputs need
     if isinstance(model, LoadedModel):  # lets a pass rebuild calibration statistics from a plan
         gm.meta["vlmopt"]["source"] = {"path": str(model.path), "name": model.name,
                                        "fingerprint": model.fingerprint}
