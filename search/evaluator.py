@@ -26,7 +26,7 @@ from torch import fx, nn
 from vlmopt import inputs
 from vlmopt.data.dataset import Record
 from vlmopt.evaluation import answer_token, record_batches
-from vlmopt.ir.capture import INPUTS, capture, complete_inputs
+from vlmopt.ir.capture import capture, complete_inputs
 from vlmopt.pipeline import make_config, run_passes
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Evaluator:
         interp = _Cached(gm)
         for i, b in enumerate(self.batches):
             interp.batch_index = i
-            outs.append(interp.run(*(b[k] for k in INPUTS)).float())
+            outs.append(interp.run(*(b[k] for k in gm.meta["vlmopt"]["inputs"])).float())
         return outs
 
     # ------------------------------------------------------------------ evaluation

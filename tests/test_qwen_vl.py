@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from helpers import QWEN_TYPES, build_tiny_qwen, qwen_batch, record_modules
@@ -190,3 +191,49 @@ def test_cost_model_counts_every_parameter(qwen):
     wb = cost.weight_bytes(s, bytes_per_el=4)
     n = sum(p.numel() for p in qwen.parameters())
     assert wb["total"] == 4 * n, (wb["total"], 4 * n)
+
+
+# ------------------------------------------------------------------ export layout (torch-free)
+
+LAYOUT_GRIDS = [[1, 8, 12], [1, 10, 6], [1, 4, 4], [1, 12, 12]]  # incl. divisible by windows
+
+
+def test_layout_tensors_equal_transformers_own_helpers():
+    from transformers import vision_utils as vu
+
+    from vlmopt import qwen_layout as ql
+
+    g = torch.tensor(LAYOUT_GRIDS)
+    assert np.array_equal(ql.vision_position_ids(g.numpy(), 2),
+                          vu.get_vision_position_ids(g, 2).numpy())
+    for window, patch in ((16, 4), (56, 4), (112, 14)):
+        idx, cu = vu.get_vision_window_index(g, 2, window, patch)
+        idx2, cu2 = ql.window_layout(g.numpy(), 2, window, patch)
+        assert np.array_equal(idx.numpy(), idx2) and cu.tolist() == cu2
+    ti, tw = vu.get_vision_interpolation_indices_and_weights(
+        g, 8, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    ni, nw = ql.interpolation(g.numpy(), 8, 2)
+    assert np.array_equal(ti.numpy(), ni) and np.abs(tw.numpy() - nw).max() < 1e-6
+
+
+def test_mrope_positions_without_torch_equal_get_rope_index(qwen):
+    from vlmopt import qwen_layout as ql
+
+    b = qwen_batch(qwen, GRIDS)
+    pos = ql.mrope_positions(b["input_ids"].numpy(), b["attention_mask"].numpy(),
+                             b["image_grid_thw"].numpy(), 60, 2)
+    assert np.array_equal(pos, b["position_ids"].numpy())
+
+
+def test_vision_export_form_equals_the_tower(qwen):
+    from vlmopt.export_vision import QwenVisionExport, layout_spec, layout_tensors
+    from vlmopt.ir.blocks import QwenVision
+
+    b = qwen_batch(qwen, GRIDS)
+    n_ds = adapter_for(qwen).deepstack_layers()
+    with torch.no_grad():
+        ref = QwenVision(qwen.model.visual, n_ds)(b["pixel_values"], b["image_grid_thw"])
+        out = QwenVisionExport(qwen.model.visual, n_ds)(
+            b["pixel_values"], **layout_tensors(layout_spec(qwen.config), b["image_grid_thw"]))
+    for r, o in zip(ref if n_ds else [ref], out if n_ds else [out]):
+        assert (r - o).abs().max() <= 1e-6, (r - o).abs().max().item()
