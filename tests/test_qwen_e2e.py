@@ -139,3 +139,14 @@ def test_optimize_with_four_trials_meets_the_target_and_exports(capsys, qwen_dir
     assert report["chosen"]["ratio_llm"] <= 0.5 + 1e-9
     assert json.loads((out / "manifest.json").read_text())["parity"]["max_abs_logit_diff"] \
         <= 1e-4
+
+
+def test_compare_runs_the_method_table_with_fraction_budgets(capsys, qwen_dir):
+    model, data = qwen_dir
+    out = _json_out(capsys, ["compare", str(model), "--data", str(data), "--calib", str(data),
+                             "--json"])
+    rows = {r["method"]: r for r in out["methods"]}
+    assert rows["original"]["flops_ratio"] == 1.0 and rows["original"]["agreement"] == 1.0
+    assert {"FastV K=2 R=50%", "PyramidDrop", "DivPrune 11%", "random 33%"} <= set(rows)
+    assert not any(m.startswith(("VisionZip", "pooling")) for m in rows)  # no CLS, no grid
+    assert rows["DivPrune 11%"]["flops_ratio"] < rows["DivPrune 33%"]["flops_ratio"] < 1

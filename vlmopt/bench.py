@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from vlmopt.errors import VlmoptError
+from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def benchmark(args) -> dict:
             f"torch/{k}": TorchVariant(g) for k, g in gms.items()}}
         variants.update({k: OrtVariant(a) for k, a in arts.items()})
         lat = measure(variants, batch, args.repeats, args.decode_tokens)
-        data = args.data or ("builtin:synthvqa-test" if args.model == "builtin:synth-llava"
+        data = args.data or ("builtin:synthvqa-test" if args.model in SYNTHVQA_MODELS
                              else None)
         acc = accuracy(arts, data, args.eval_limit) if data and lm.processor else None
     return summarize(args, lm, plan, cost, cost0, lat, acc, data)

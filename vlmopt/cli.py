@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vlmopt.errors import VlmoptError
+from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger("vlmopt")
 
@@ -78,7 +79,7 @@ def cmd_data_synth(args) -> int:
 def default_data(model: str, data: str | None, flag: str = "--data") -> str:
     if data:
         return data
-    if model == "builtin:synth-llava":
+    if model in SYNTHVQA_MODELS:
         return "builtin:synthvqa-test"
     raise VlmoptError(f"{flag} is required for model {model}")
 
@@ -196,7 +197,7 @@ def cmd_analyze(args) -> int:
     from vlmopt.frontend.load import load, resolve_model
 
     resolve_model(args.model)
-    calib = args.calib or ("builtin:synthvqa-calib" if args.model == "builtin:synth-llava"
+    calib = args.calib or ("builtin:synthvqa-calib" if args.model in SYNTHVQA_MODELS
                            else None)
     if calib is None:
         raise VlmoptError(f"--calib is required for model {args.model}")
@@ -237,14 +238,14 @@ def cmd_compare(args) -> int:
     resolve_model(args.model)
     data = default_data(args.model, args.data)
     records = load_records(data, limit=args.limit)
-    calib = args.calib or ("builtin:synthvqa-calib" if args.model == "builtin:synth-llava"
+    calib = args.calib or ("builtin:synthvqa-calib" if args.model in SYNTHVQA_MODELS
                            else None)
     lm = load(args.model)
     info = lm.config
     order = None
     if calib:
         order = rank_layers(layer_contribution(lm, load_records(calib, limit=64)))
-    methods = default_methods(int(info.image_seq_length), info.text_config.num_hidden_layers,
+    methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
                               order)
     advance, close = _progress(len(records), "comparing")
     try:
@@ -333,7 +334,7 @@ def _emit_calib(model: str, calib: str | None, lm) -> list:
     checks parity on synthetic prompts and pixels)."""
     from vlmopt.data.dataset import load_records
 
-    calib = calib or ("builtin:synthvqa-calib" if model == "builtin:synth-llava" else None)
+    calib = calib or ("builtin:synthvqa-calib" if model in SYNTHVQA_MODELS else None)
     if calib is None:
         log.warning("no --calib: ONNX parity is checked on synthetic inputs only")
         return []

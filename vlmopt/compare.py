@@ -31,12 +31,17 @@ class Method:
     steps: list  # [(pass name, fields)]
 
 
-def default_methods(n_visual: int, n_layers: int, freeze_order: list[str] | None) -> list[Method]:
+def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None
+                    ) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
-    tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC)."""
+    tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
+    ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
+    cut, so they follow every image's count; no VisionZip or pooling (no CLS, no fixed grid)."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
+    if n_visual is None:
+        return _dynamic_methods(K, q, n_layers, freeze_order)
     ms = [Method("original", []),
           Method(f"FastV K={K} R=50%",
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .5)}})]),
@@ -61,6 +66,25 @@ def default_methods(n_visual: int, n_layers: int, freeze_order: list[str] | None
         else:
             ms += [Method(f"random@layer1 {pct}", [("drop_tokens", {"keep": {"layer_1": k},
                                                                       "scorer": "random"})])]
+    if freeze_order:
+        r = max(1, round(n_layers * 0.6))
+        ms.append(Method(f"ShortV {r}/{n_layers} layers",
+                         [("freeze_visual", {"layers": sorted(freeze_order[:r])})]))
+    return ms
+
+
+def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[Method]:
+    ms = [Method("original", []),
+          Method(f"FastV K={K} R=50%", [("drop_tokens", {"keep": {f"layer_{K}": 0.5}})]),
+          Method(f"FastV K={K} R=75%", [("drop_tokens", {"keep": {f"layer_{K}": 0.25}})]),
+          Method("PyramidDrop", [("drop_tokens", {"keep": {f"layer_{k}": 0.5 for k in q},
+                                                   "score_at": "next"})])]
+    for frac in (0.11, 0.33):
+        pct = f"{frac:.0%}"
+        ms += [Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
+                                                              "keep": frac})]),
+               Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": frac})]),
+               Method(f"random {pct}", [("select_visual", {"method": "random", "keep": frac})])]
     if freeze_order:
         r = max(1, round(n_layers * 0.6))
         ms.append(Method(f"ShortV {r}/{n_layers} layers",
@@ -100,6 +124,12 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
     lat = prefill_latency(graphs, first, latency_repeats)
     n_text = int((~(first["input_ids"] == lm.model.config.image_token_id)).sum(-1)
                  .float().mean())
+    size = None
+    if lm.adapter.fixed_n_visual() is None:  # FLOPs at the first image's size
+        from vlmopt.evaluation import image_size
+
+        w, h = image_size(records[0])
+        size = (h, w)
     out = []
     for m in methods:
         g = graphs[m.name]
@@ -111,7 +141,7 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
             "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type[m.name].items())},
             "agreement": sum(agree[m.name]) / len(agree[m.name]),
             "kl": sum(kls[m.name]) / len(kls[m.name]),
-            "flops_ratio": api.flops(lm, g, n_text=n_text)["ratio"],
+            "flops_ratio": api.flops(lm, g, n_text=n_text, image_size=size)["ratio"],
             "latency_ms": lat[m.name] * 1e3,
             "latency_ratio": lat[m.name] / lat["original" if "original" in lat else m.name],
         })

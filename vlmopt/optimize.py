@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmopt.errors import VlmoptError
+from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("joint", "gsearch", "psigmoid")
@@ -66,7 +67,7 @@ class Options:
 def _default_data(model: str, data: str | None, split: str) -> str | None:
     if data:
         return data
-    return f"builtin:synthvqa-{split}" if model == "builtin:synth-llava" else None
+    return f"builtin:synthvqa-{split}" if model in SYNTHVQA_MODELS else None
 
 
 def prepare_out(opts: Options, fingerprint: str) -> tuple[str, bool]:

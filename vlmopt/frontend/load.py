@@ -20,11 +20,10 @@ import torch
 from vlmopt.errors import VlmoptError
 from vlmopt.frontend import llava as _llava  # noqa: F401  (registers the family)
 from vlmopt.frontend import qwen_vl as _qwen_vl  # noqa: F401
+from vlmopt.frontend.builtins import BUILTIN_DIR, BUILTIN_MODELS  # noqa: F401
 from vlmopt.frontend.family import Adapter, adapter_class
 
 log = logging.getLogger(__name__)
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
-BUILTIN_MODELS = {"builtin:synth-llava": BUILTIN_DIR / "synth-llava"}
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:
@@ -59,7 +58,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         path = BUILTIN_MODELS[spec]
         if not (path / "config.json").exists():
             raise VlmoptError(f"{spec}: checkpoint missing at {path} "
-                              "(train it with examples/train_synth_llava.py)")
+                              "(train it with examples/train_synth.py)")
         return path
     path = Path(spec)
     if not path.exists():
