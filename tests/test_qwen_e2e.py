@@ -150,3 +150,22 @@ def test_compare_runs_the_method_table_with_fraction_budgets(capsys, qwen_dir):
     assert {"FastV K=2 R=50%", "PyramidDrop", "DivPrune 11%", "random 33%"} <= set(rows)
     assert not any(m.startswith(("VisionZip", "pooling")) for m in rows)  # no CLS, no grid
     assert rows["DivPrune 11%"]["flops_ratio"] < rows["DivPrune 33%"]["flops_ratio"] < 1
+
+
+def test_whitened_lowrank_and_quantize_use_calibration_images_of_two_sizes(qwen_dir):
+    from vlmopt.api import apply_plan
+    from vlmopt.api import evaluate as api_evaluate
+
+    model, data = qwen_dir
+    lm = load(model)
+    passes = [{"name": "lowrank_qk", "config": {"q_ratio": {"_default": 0.5},
+                                                "k_ratio": {"_default": 0.5},
+                                                "calib": str(data), "calib_samples": 6}},
+              {"name": "quantize", "config": {"bits": {"_default": 8}}}]
+    plan = {"schema": "vlmopt.plan/1", "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+            "target": None, "passes": passes}
+    gm = apply_plan(lm, plan)
+    stats = {r["pass"]: r["stats"] for r in gm.meta["vlmopt"]["report"]}
+    assert stats["lowrank_qk"]["whitened"]
+    res = api_evaluate(lm, str(data), graph=gm)
+    assert res.n == 6 and res.kl < 0.5
