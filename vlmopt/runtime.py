@@ -189,6 +189,20 @@ def preprocessor(art: Artifact) -> Preprocessor:
     return Preprocessor(root)
 
 
+def open_image(image):
+    """A PIL image, or the file at a path opened as one (one error line if it is not)."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        try:
+            im = Image.open(image)
+            im.load()
+            return im
+        except (OSError, ValueError) as e:
+            raise VlmoptError(f"--image {image}: not an image ({e})") from None
+    return image
+
+
 def _token_str(v) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 
@@ -240,6 +254,10 @@ class Preprocessor:
     def chat_text(self, prompt: str) -> str:
         if not self.chat_template:
             return prompt
+        return self.render([{"role": "user", "content": prompt}])
+
+    def render(self, messages: list[dict]) -> str:
+        """The chat template rendered as transformers renders it."""
         import jinja2
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -255,8 +273,7 @@ class Preprocessor:
                                         separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-            **self.special)
+            messages=messages, add_generation_prompt=True, **self.special)
 
     def n_image_tokens(self, height: int, width: int) -> int:
         n = (height // self.patch_size) * (width // self.patch_size) + self.n_extra
@@ -267,12 +284,7 @@ class Preprocessor:
         """One image -> [3, H, W] float32, as CLIPImageProcessor (PIL backend) computes it."""
         from PIL import Image
 
-        if isinstance(image, (str, Path)):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise VlmoptError(f"--image {image}: not an image ({e})") from None
+        image = open_image(image)
         if not isinstance(image, Image.Image):
             raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
         c = self.image_cfg
@@ -365,22 +377,9 @@ class QwenPreprocessor(Preprocessor):
     def chat_text(self, prompt: str) -> str:
         if not self.chat_template:
             return prompt.replace("<image>", self.pad_token)
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[loopcontrols])
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": image_parts(prompt)}],
-            add_generation_prompt=True, **self.special)
+        return self.render([{"role": "user", "content": image_parts(prompt)}])
 
     def encode(self, prompts: list[str], images: list) -> dict[str, np.ndarray]:
-        from PIL import Image
 
         from vlmopt import preprocess_qwen, qwen_layout
         from vlmopt.export_vision import layout_feeds
@@ -390,12 +389,7 @@ class QwenPreprocessor(Preprocessor):
         prompt, image = prompts[0], images[0]
         if prompt.count("<image>") != 1:
             raise VlmoptError(f"prompt must contain <image> exactly once: {prompt!r}")
-        if isinstance(image, (str, Path)):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise VlmoptError(f"--image {image}: not an image ({e})") from None
+        image = open_image(image)
         patches, grid = preprocess_qwen.pixels(image, self.qcfg)
         n = preprocess_qwen.n_tokens(grid, self.qcfg.merge_size)
         text = preprocess_qwen.expand_image_tokens(self.chat_text(prompt), n, self.pad_token)
