@@ -60,9 +60,11 @@ class Config:
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
-            if self.method in ("visionzip", "pool"):
-                raise ValueError(f"field 'keep': method {self.method!r} takes a count, "
-                                 "not a fraction")
+            if self.method == "pool" or self.contextual:
+                raise ValueError(f"field 'keep': method {self.method!r} with contextual "
+                                 "tokens takes a count, not a fraction" if self.contextual
+                                 else "field 'keep': method 'pool' takes a count, not a "
+                                 "fraction")
             return
         for name in ("keep", "contextual", "seed"):
             v = getattr(self, name)
@@ -125,6 +127,24 @@ def _visionzip_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
     return kept
 
 
+def _received_scores(gm: fx.GraphModule) -> fx.Node:
+    """CLS-free towers (Qwen-VL): the vision node also returns the attention each LLM token
+    receives in the last ViT block (vlmopt.ir.received); returns that node [Nv_total]."""
+    from vlmopt.ir.received import QwenVisionReceived
+
+    vis = node_by_block(gm, "vision")
+    old = gm.get_submodule(vis.target)
+    vis.target = add_module(gm, "vision_received", QwenVisionReceived(old.tower, old.n_deepstack))
+    vis.meta["vlmopt"]["select_op"] = "received_attention"
+    g = gm.graph
+    with g.inserting_after(vis):
+        recv = g.call_function(operator.getitem, (vis, old.n_deepstack + 1))
+        if not old.n_deepstack:  # the node was one tensor: its users now read item 0
+            feats = g.call_function(operator.getitem, (vis, 0))
+            vis.replace_all_uses_with(feats, delete_user_cb=lambda n: n not in (feats, recv))
+    return recv
+
+
 @register_pass("select_visual", Config)
 def run(gm: fx.GraphModule, config: Config) -> PassResult:
     decs = decoder_nodes(gm)
@@ -134,10 +154,12 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         stats["keep"] = nv
         return PassResult(gm, False, stats)
     keep = config.keep
-    if nv is None and config.method in ("visionzip", "pool"):
-        raise ValueError(f"select_visual: node {decs[0].name!r}: method {config.method!r} needs "
-                         "a fixed visual-token grid; this model's count follows the image size "
-                         "(use divprune, kcenter or random)")
+    if nv is None and (config.method == "pool" or config.contextual):
+        raise ValueError(f"select_visual: node {decs[0].name!r}: "
+                         + ("method 'pool'" if config.method == "pool" else
+                            "VisionZip's contextual tokens") + " need a fixed visual-token "
+                         "grid; this model's count follows the image size (VisionZip with "
+                         "contextual=0, divprune, kcenter or random work)")
     if nv is not None and isinstance(keep, float):
         keep = tokens.keep_count(keep, nv)
         stats["keep"] = keep
@@ -148,7 +170,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         stats["skipped"] = f"keep equals the {nv} visual tokens: nothing to select"
         return PassResult(gm, False, stats)
 
-    patch_scores = _visionzip_scores(gm, config, nv) if config.method == "visionzip" else None
+    patch_scores = None
+    if config.method == "visionzip":
+        patch_scores = _received_scores(gm) if nv is None else _visionzip_scores(gm, config, nv)
     if config.method == "visionzip":
         scorer = add_module(gm, "select_slots", select.SlotScores())
     elif config.method == "random":

@@ -237,3 +237,69 @@ def test_vision_export_form_equals_the_tower(qwen):
             b["pixel_values"], **layout_tensors(layout_spec(qwen.config), b["image_grid_thw"]))
     for r, o in zip(ref if n_ds else [ref], out if n_ds else [out]):
         assert (r - o).abs().max() <= 1e-6, (r - o).abs().max().item()
+
+
+def test_visionzip_on_cls_free_towers_keeps_the_most_attended_tokens(qwen):
+    """Dominant tokens by the head-mean attention received in the last ViT block, per 2x2
+    merge group, computed here chunk by chunk from the block's own q/k."""
+    from transformers import vision_utils as vu
+
+    tower = qwen.model.visual
+    batch = qwen_batch(qwen, SAME)
+    seen = {}
+    hook = tower.blocks[-1].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        tower(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    hook.remove()
+    blk = tower.blocks[-1]
+    x = blk.norm1(seen["x"])
+    cos, sin = seen["kw"]["position_embeddings"]
+    cu = seen["kw"]["cu_seqlens"].tolist()
+    N, H = x.shape[0], blk.attn.num_heads
+    q, k, _ = blk.attn.qkv(x).reshape(N, 3, H, -1).permute(1, 0, 2, 3).unbind(0)
+    mod = __import__(type(blk.attn).__module__, fromlist=["x"])
+    q, k = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    recv = torch.zeros(N)
+    for a, b in zip(cu, cu[1:]):
+        p = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]).mul(blk.attn.scaling).softmax(-1)
+        recv[a:b] = p.mean(0).sum(0).detach()
+    recv = recv.reshape(-1, 4).mean(-1)
+    if hasattr(tower, "fullatt_block_indexes"):
+        idx, _ = vu.get_vision_window_index(batch["image_grid_thw"], 2, tower.window_size,
+                                            tower.patch_size)
+        recv = recv[torch.argsort(idx)]
+    gm, _ = run_passes(capture(qwen), [("select_visual", sv.Config("visionzip", 0.25))],
+                       example=batch)
+    kept = _kept(gm, batch, "keep_visual")
+    vis = batch["input_ids"] == 60
+    for b in range(2):
+        top = recv[24 * b:24 * (b + 1)].topk(6).indices
+        slots = vis[b].nonzero()[:, 0][top]
+        ref = {tuple(batch["position_ids"][:, b, j].tolist()) for j in slots.tolist()}
+        assert kept[b] == ref, f"sample {b}: {len(kept[b] ^ ref)} positions differ"
+
+
+def test_visionzip_contextual_tokens_need_a_fixed_grid(qwen):
+    with pytest.raises(ValueError, match="contextual tokens need a fixed"):
+        run_passes(capture(qwen), [("select_visual", sv.Config("visionzip", 12, 2))])
+
+
+def test_received_attention_costs_what_flop_counter_counts(qwen):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlmopt import cost
+    from vlmopt.cost_vision import received_attention_flops
+    from vlmopt.ir.blocks import QwenVision
+    from vlmopt.ir.received import QwenVisionReceived
+
+    cost.register_sdpa_flop_formulas()
+    b = qwen_batch(qwen, SAME[:1])  # one sample: the cost model's unit
+    n_ds = adapter_for(qwen).deepstack_layers()
+    counts = []
+    for mod in (QwenVision(qwen.model.visual, n_ds), QwenVisionReceived(qwen.model.visual, n_ds)):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            mod(b["pixel_values"], b["image_grid_thw"])
+        counts.append(fc.get_total_flops())
+    extra = received_attention_flops(qwen.config.vision_config, SAME[:1])
+    assert counts[1] - counts[0] == extra, (counts, extra)

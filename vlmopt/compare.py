@@ -37,7 +37,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
-    cut, so they follow every image's count; no VisionZip or pooling (no CLS, no fixed grid)."""
+    cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
+    keeps no contextual tokens, and there is no pooling (no fixed grid)."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
@@ -81,7 +82,9 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
                                                    "score_at": "next"})])]
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
-        ms += [Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
+        ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
+                      [("select_visual", {"method": "visionzip", "keep": frac})]),
+               Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
                                                               "keep": frac})]),
                Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": frac})]),
                Method(f"random {pct}", [("select_visual", {"method": "random", "keep": frac})])]

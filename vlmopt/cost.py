@@ -491,6 +491,10 @@ def select_flops(s: ModelShapes, info: dict) -> int:
         return 2 * info["n_merge"] * info["contextual"] * (hd + h)
     if op == "diversity":
         return 2 * info["n_visual"] ** 2 * s.d
+    if op == "received_attention":  # Qwen-VL: the last ViT block's qkv and q.k^T again
+        from vlmopt.cost_vision import received_attention_flops
+
+        return received_attention_flops(s.vision_config, list(s.grids))
     return 0
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["n_llm_tokens", "qwen_vision_breakdown", "qwen_vision_flops", "qwen_vision_param_bytes"]
+__all__ = ["n_llm_tokens", "qwen_vision_breakdown", "qwen_vision_flops", "qwen_vision_param_bytes",
+           "received_attention_flops"]
 
 Grid = tuple[int, int, int]
 
@@ -143,6 +144,15 @@ def qwen_vision_param_bytes(vision_config, bytes_per_el: int) -> int:
         n += d + vc.num_position_embeddings * d  # conv bias, learned position table
         n += s.n_deepstack * (2 * dm + merger_linears)  # deepstack: LayerNorm after shuffle
     return n * bytes_per_el
+
+
+def received_attention_flops(vision_config, grids: list[Grid]) -> int:
+    """VisionZip's score on a CLS-free tower (vlmopt.ir.received) for one sample's images: the
+    last block's qkv [n, 3d] recomputed and q.k^T over all n patches with a block mask, as it
+    runs (at batch 1, the export's batch)."""
+    s = _tower(vision_config)
+    n = sum(t * h * w for t, h, w in _check(s, grids))
+    return 2 * (3 * n * s.d * s.d + n * n * s.d)
 
 
 def n_llm_tokens(vision_config, grids: list[Grid]) -> int:

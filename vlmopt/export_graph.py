@@ -137,11 +137,13 @@ class PrefillForm(nn.Module):
         self.vision = None
         if self.dynamic:
             from vlmopt.export_vision import QwenVisionExport
+            from vlmopt.ir.received import QwenVisionReceived
 
             for n in self._nodes:
                 mod = gm.get_submodule(n.target) if n.op == "call_module" else None
                 if _block(n) == "vision":
-                    self.vision = QwenVisionExport(mod.tower, mod.n_deepstack)
+                    self.vision = QwenVisionExport(mod.tower, mod.n_deepstack,
+                                                   received=isinstance(mod, QwenVisionReceived))
                 elif mod is not None and hasattr(mod, "decision_margin"):
                     raise VlmoptError(f"emit: node {n.name!r}: a greedy selection's loop length "
                                       "follows the image size on this model; it is not "

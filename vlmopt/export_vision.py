@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmopt import qwen_layout
+from vlmopt.ir.received import received_attention
 
 # layout inputs per family, in the order the prefill graph takes them
 LAYOUT_INPUTS = {"qwen2_vl": ("vision_pos", "frame_seg"),
@@ -73,9 +74,9 @@ def _attention(attn: nn.Module, x: torch.Tensor, cos, sin, allowed: torch.Tensor
 
 
 class QwenVisionExport(nn.Module):
-    def __init__(self, tower: nn.Module, n_deepstack: int = 0):
+    def __init__(self, tower: nn.Module, n_deepstack: int = 0, received: bool = False):
         super().__init__()
-        self.tower, self.n_deepstack = tower, n_deepstack
+        self.tower, self.n_deepstack, self.received = tower, n_deepstack, received
         self.unit = tower.spatial_merge_size ** 2
         self.windowed = hasattr(tower, "fullatt_block_indexes")
         self.full_blocks = set(getattr(tower, "fullatt_block_indexes", []) or [])
@@ -98,14 +99,21 @@ class QwenVisionExport(nn.Module):
             h = self._permute(h, window_index)
             cos, sin = self._permute(cos, window_index), self._permute(sin, window_index)
             win = window_seg[:, None] == window_seg[None, :]
-        feats = []
+        feats, recv = [], None
+        last = len(t.blocks) - 1
         for i, blk in enumerate(t.blocks):
             allowed = full if win is None or i in self.full_blocks else win
+            if self.received and i == last:  # VisionZip's score (vlmopt.ir.received)
+                recv = received_attention(blk.attn, blk.norm1(h), cos, sin, allowed, self.unit)
             h = h + _attention(blk.attn, blk.norm1(h), cos, sin, allowed)
             h = h + blk.mlp(blk.norm2(h))
             if i in self.deepstack:
                 feats.append(t.deepstack_merger_list[self.deepstack.index(i)](h))
         merged = t.merger(h)
         if self.windowed:
-            merged = merged[torch.argsort(window_index)]
+            undo = torch.argsort(window_index)
+            merged = merged[undo]
+            recv = recv[undo] if recv is not None else None
+        if self.received:
+            return (merged, *feats, recv)
         return (merged, *feats) if self.n_deepstack else merged

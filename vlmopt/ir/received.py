@@ -1,0 +1,70 @@
+"""VisionZip for CLS-free towers (Qwen-VL): dominant tokens by the attention they receive.
+
+VisionZip ranks patches by the [CLS] query's attention; a tower without CLS uses the mean
+attention each token *receives* instead (VisionZip paper, appendix A.2). The rule follows the
+LightCompress Qwen2.5-VL port (``llmc/compression/token_reduction/visionzip.py``, methods.md
+section 3.2): the last ViT block's attention probabilities, averaged over heads, summed over the
+query rows of the token's attention chunk, averaged over each 2x2 merge group (one LLM token),
+window order undone. Only the dominant part: contextual merging needs a fixed grid here.
+
+    QwenVisionReceived(tower)(pixel_values, grid_thw) -> (embeddings[, *deepstack], received [M])
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def received_attention(attn: nn.Module, x: torch.Tensor, cos, sin, allowed: torch.Tensor,
+                       unit: int) -> torch.Tensor:
+    """Per merge group of ``unit`` patches, the head-mean attention its patches receive in the
+    block ``attn`` (input x [N, d] already normed, its RoPE, mask [N, N]). Returns [N / unit]."""
+    N = x.shape[0]
+    q, k, _ = attn.qkv(x).reshape(N, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    rot = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    q, k = rot(q, k, cos, sin)
+    logits = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * attn.scaling  # [H, N, N]
+    p = logits.float().masked_fill(~allowed[None], float("-inf")).softmax(-1)
+    recv = p.mean(0).sum(0)  # [N]: column sums of the head-mean attention
+    return recv.reshape(N // unit, unit).mean(-1)
+
+
+class QwenVisionReceived(nn.Module):
+    """The Qwen-VL tower as ``blocks.QwenVision``, plus the received attention per LLM token."""
+
+    def __init__(self, tower: nn.Module, n_deepstack: int = 0):
+        super().__init__()
+        self.tower, self.n_deepstack = tower, n_deepstack
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        t = self.tower
+        seen: dict = {}
+
+        def grab(mod, args, kwargs):  # the last block's input and its attention layout
+            seen["x"], seen["kw"] = args[0], kwargs
+
+        hook = t.blocks[-1].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = t(pixel_values.type(t.dtype), grid_thw=image_grid_thw, return_dict=True)
+        finally:
+            hook.remove()
+        x, kw = seen["x"], seen["kw"]
+        cu = kw["cu_seqlens"]
+        seg = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+        allowed = seg[:, None] == seg[None, :]
+        cos, sin = kw["position_embeddings"]
+        unit = t.spatial_merge_size ** 2
+        recv = received_attention(t.blocks[-1].attn, t.blocks[-1].norm1(x), cos, sin, allowed,
+                                  unit)
+        if hasattr(t, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window order
+            from transformers.vision_utils import get_vision_window_index
+
+            index, _ = get_vision_window_index(image_grid_thw, t.spatial_merge_size,
+                                               t.window_size, t.patch_size)
+            recv = recv[torch.argsort(index)]
+        feats = (out.pooler_output, *out.deepstack_features) if self.n_deepstack else \
+            (out.pooler_output,)
+        return (*feats, recv)
