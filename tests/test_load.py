@@ -196,7 +196,7 @@ def test_unknown_builtin_model_lists_the_known_ones():
 def test_missing_builtin_checkpoint_says_how_to_train_it(tmp_path, monkeypatch):
     monkeypatch.setitem(load_mod.BUILTIN_MODELS, "builtin:synth-llava", tmp_path / "absent")
     msg = _load_error("builtin:synth-llava")
-    assert "train_synth_llava.py" in msg
+    assert "examples/train_synth.py --family llava" in msg
 
 
 # ----------------------------------------------------------------------------- transformers alone

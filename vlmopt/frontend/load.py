@@ -58,7 +58,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         path = BUILTIN_MODELS[spec]
         if not (path / "config.json").exists():
             raise VlmoptError(f"{spec}: checkpoint missing at {path} "
-                              "(train it with examples/train_synth.py)")
+                              f"(train it with examples/train_synth.py --family "
+                              f"{spec.rsplit('-', 1)[-1]})")
         return path
     path = Path(spec)
     if not path.exists():
