@@ -262,3 +262,9 @@ def test_checkpoint_loads_and_runs_with_transformers_alone(which, tiny_llava, tm
     assert out["shape"][1] > 196
     if which == "builtin":  # a trained model answers with a word, not a special token
         assert out["answer"] not in ("", "<pad>", "<unk>", "<s>", "</s>", "<image>")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{", b"[1, 2]", b"\"llava\""])
+def test_config_that_is_not_a_utf8_json_object_is_one_error_line(tmp_path, content):
+    (tmp_path / "config.json").write_bytes(content)
+    assert "config.json: not" in _load_error(tmp_path)

@@ -77,6 +77,8 @@ def read_config(path: Path) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise VlmoptError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise VlmoptError(f"{cfg_file}: not UTF-8 text") from None
     if not isinstance(cfg, dict):
         raise VlmoptError(f"{cfg_file}: not a config object")
     if cfg.get("auto_map"):
