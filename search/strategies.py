@@ -10,7 +10,7 @@ import logging
 
 import optuna
 from vlmopt.search.space import Candidate, sigmoid_counts, snap
-from vlmopt.search.study import Context, TrialRecord
+from vlmopt.search.study import WORKER, Context, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def _finish(ctx: Context, trial: optuna.Trial, cand: Candidate | None, source: s
     if cand is None:  # no midpoint fits the budget with these parameters: nothing evaluated
         trial.set_user_attr("source", source)
         trial.set_user_attr("infeasible", True)
+        trial.set_user_attr("worker", WORKER)
         raise optuna.TrialPruned("over the FLOPs target at every l0")
     rec = ctx.measure(cand, source, trial)
     if rec.metrics is None:
@@ -172,12 +173,23 @@ def _finish(ctx: Context, trial: optuna.Trial, cand: Candidate | None, source: s
 
 
 def _optimize(ctx: Context, objective, n_trials: int, source: str, seeds: list[dict]) -> None:
+    """``n_trials`` finished trials of ``source`` in the study, counted over every worker (a
+    resumed or a second worker runs only what is left); the seeds are queued once."""
     ok = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = [t for t in ctx.study.get_trials(deepcopy=False)
-            if t.user_attrs.get("source") == source and t.state in ok]
-    if not done:
+    trials = ctx.study.get_trials(deepcopy=False)
+    if not any(t.user_attrs.get("source") == source or "fixed_params" in t.system_attrs
+               for t in trials):
         for s in seeds:
             ctx.study.enqueue_trial(s, skip_if_exists=True)
-    left = n_trials - len(done)
+
+    def finished(study) -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False, states=ok)
+                   if t.user_attrs.get("source") == source)
+
+    def enough(study, _trial) -> None:
+        if finished(study) >= n_trials:
+            study.stop()
+
+    left = n_trials - finished(ctx.study)
     if left > 0:
-        ctx.study.optimize(objective, n_trials=left, catch=())
+        ctx.study.optimize(objective, n_trials=left, catch=(), callbacks=[enough])

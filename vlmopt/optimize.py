@@ -4,8 +4,10 @@ then measure it against the published methods at the same FLOPs and write the pa
     load -> calibration batches -> Layer Contribution -> search -> chosen plan (verified)
          -> baselines at the same FLOPs -> held-out evaluation -> latency -> emit -> report
 
-OUT holds, while a run is in progress, only its resume state (``.vlmopt-run.json`` and the
-SQLite study); the results appear all at once when the run finishes.
+OUT holds, while a run is in progress, only its lock, its resume state (``.vlmopt-run.json``
+and the SQLite study) and the results being staged; they are published by a journalled move when
+the run finishes (vlmopt.outdir). Everything that can be checked without the model (flags, OUT,
+the storage, the data files) is checked before it loads.
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmopt import outdir
 from vlmopt.errors import VlmoptError
 from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("joint", "gsearch", "psigmoid")
-RUN_FILE = ".vlmopt-run.json"
-STUDY_FILE = "study.db"
+RUN_FILE = outdir.RUN
+STUDY_FILE = outdir.STUDY
 
 
 @dataclass
@@ -70,30 +72,6 @@ def _default_data(model: str, data: str | None, split: str) -> str | None:
     return f"builtin:synthvqa-{split}" if model in SYNTHVQA_MODELS else None
 
 
-def prepare_out(opts: Options, fingerprint: str) -> tuple[str, bool]:
-    """Check OUT and return (storage URL, resuming). Creates nothing."""
-    out = opts.out
-    sig = opts.signature(fingerprint)
-    run_file = out / RUN_FILE
-    resuming = False
-    if out.exists():
-        if not out.is_dir():
-            raise VlmoptError(f"--out {out}: exists and is not a directory")
-        if (out / "plan.json").exists():
-            raise VlmoptError(f"--out {out}: holds a finished optimization (nothing overwritten)")
-        if run_file.exists():
-            old = json.loads(run_file.read_text())
-            diff = [k for k in sig if old.get(k) != sig[k]]
-            if diff:
-                raise VlmoptError(f"--out {out}: holds an unfinished run with other settings "
-                                  f"({', '.join(diff)}); use another --out")
-            resuming = True
-        elif any(out.iterdir()):
-            raise VlmoptError(f"--out {out}: exists and is not empty (nothing overwritten)")
-    storage = opts.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
-    return storage, resuming
-
-
 def study_name(opts: Options, fingerprint: str) -> str:
     if opts.study:
         return opts.study
@@ -129,31 +107,23 @@ def size_ratio(spec: str, original_bytes: int) -> float:
 def optimize(opts: Options, progress: Callable | None = None,
              stage: Callable[[str], None] | None = None) -> dict:
     """Run the whole job; returns the report's data. ``stage(msg)`` announces each step."""
-    from vlmopt.analysis import layer_contribution, rank_layers
     from vlmopt.data.dataset import load_records
-    from vlmopt.frontend.load import load, resolve_model
-    from vlmopt.plan import Plan
-    from vlmopt.search import baselines, strategies
-    from vlmopt.search.evaluator import Evaluator
-    from vlmopt.search.space import Space
-    from vlmopt.search.study import Context, choose, finalists, open_study
+    from vlmopt.frontend.load import fingerprint, read_config, resolve_model
+    from vlmopt.search.study import check_storage, open_study, recover
 
     say = stage or (lambda msg: log.info(msg))
     t_start = time.perf_counter()
-    if not 0 < opts.target <= 1:
-        raise VlmoptError(f"--target-flops must lie in (0, 1], got {opts.target}")
-    if opts.strategy not in STRATEGIES:
-        raise VlmoptError(f"--strategy must be one of {', '.join(STRATEGIES)}")
-    if opts.target_size is not None:
-        _parse_size(opts.target_size)  # a malformed flag fails before anything is loaded
-    if opts.target_size is not None and opts.strategy != "joint":
-        raise VlmoptError("--target-size needs --strategy joint (the search over Q/K rank and "
-                          "bits)")
-    resolve_model(opts.model)
+    _check_flags(opts)
+    path = resolve_model(opts.model)
+    read_config(path)  # the family is known (or one error line) before anything else
     opts.calib = _default_data(opts.model, opts.calib, "calib")
     opts.eval = _default_data(opts.model, opts.eval, "test")
     if opts.calib is None:
         raise VlmoptError(f"--calib is required for model {opts.model}")
+    fp = fingerprint(path)
+    sig = opts.signature(fp)
+    od = outdir.OutDir(opts.out)
+    od.precheck()
     calib = load_records(opts.calib, limit=opts.calib_limit)
     if not calib:
         raise VlmoptError(f"--calib {opts.calib}: no records")
@@ -162,18 +132,103 @@ def optimize(opts: Options, progress: Callable | None = None,
         raise VlmoptError(f"--calib {opts.calib}: the accuracy objective needs an 'answer' on "
                           "every record (use --objective agreement)")
     held = load_records(opts.eval, limit=opts.eval_limit) if opts.eval else []
+    if opts.storage:
+        check_storage(opts.storage)
+
+    with od:  # one writer per OUT, from here to the end
+        state = od.state(sig)
+        if state == "publish":  # killed while moving a complete result in: finish the move
+            say(f"finishing the publish of the interrupted run in {opts.out}")
+            od.finish_publish()
+            res = json.loads((opts.out / "report.json").read_text())
+            res["seconds"] = time.perf_counter() - t_start
+            return res
+        owned = opts.storage is None
+        storage = opts.storage or f"sqlite:///{(opts.out / STUDY_FILE).resolve()}"
+        fresh_out = not any(p.name != outdir.LOCK for p in opts.out.iterdir())
+        try:
+            study = open_study(storage, study_name(opts, fp), opts.seed)
+        except VlmoptError:
+            if fresh_out:
+                (opts.out / STUDY_FILE).unlink(missing_ok=True)
+            raise
+        failed = recover(study, owned=owned)
+        if state == "fresh":
+            od.start(sig)
+        else:
+            say(f"resuming the study in {storage}"
+                + (f" ({failed} interrupted trial(s) queued again)" if failed else ""))
+        try:
+            return _run(opts, od, study, calib, held, say, t_start, progress)
+        except BaseException:
+            if fresh_out and not _has_trials(study):  # nothing worth resuming: leave no trace
+                (opts.out / STUDY_FILE).unlink(missing_ok=True)
+                (opts.out / RUN_FILE).unlink(missing_ok=True)
+            raise
+
+
+def _check_flags(opts: Options) -> None:
+    import math
+
+    if not (math.isfinite(opts.target) and 0 < opts.target <= 1):
+        raise VlmoptError(f"--target-flops must lie in (0, 1], got {opts.target}")
+    if opts.strategy not in STRATEGIES:
+        raise VlmoptError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+    if not (math.isfinite(opts.tolerance) and 0 <= opts.tolerance <= 1):
+        raise VlmoptError(f"--tolerance must lie in [0, 1], got {opts.tolerance}")
+    if opts.target_size is not None:
+        _parse_size(opts.target_size)  # a malformed flag fails before anything is loaded
+    if opts.target_size is not None and opts.strategy != "joint":
+        raise VlmoptError("--target-size needs --strategy joint (the search over Q/K rank and "
+                          "bits)")
+
+
+def _has_trials(study) -> bool:
+    return bool(study.get_trials(deepcopy=False))
+
+
+def _text_tokens(lm, records, batch_size: int) -> int:
+    """Mean text tokens per calibration prompt, from the processor alone (no forward)."""
+    from vlmopt import inputs
+    from vlmopt.evaluation import record_batches
+
+    image_id = lm.model.config.image_token_id
+    total = 0
+    for chunk in record_batches(records, batch_size, lm.processor):
+        ids = inputs.encode(lm.processor, [r.prompt for r in chunk],
+                            [r.load_image() for r in chunk])["input_ids"]
+        total += int((ids != image_id).sum())
+    return round(total / max(1, len(records)))
+
+
+def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
+    from vlmopt.analysis import layer_contribution, rank_layers
+    from vlmopt.frontend.load import load
+    from vlmopt.plan import Plan
+    from vlmopt.search import baselines, strategies
+    from vlmopt.search.evaluator import Evaluator
+    from vlmopt.search.space import Space
+    from vlmopt.search.study import Context, choose, finalists, settle
 
     say(f"loading {opts.model}")
     lm = load(opts.model)
     if lm.processor is None:
         raise VlmoptError(f"{opts.model}: no processor files; optimize needs them")
-    storage, resuming = prepare_out(opts, lm.fingerprint)
     # Racing: every trial is measured on the first ``search_samples`` calibration samples
     # (cheap, but one answer is 1/256 of fidelity), the finalists again on all of them.
     n_screen = min(len(calib), opts.search_samples or len(calib))
     rerank = n_screen < len(calib) and bool(opts.finalists)
     if not rerank:
         n_screen = len(calib)
+    # the FLOPs target is checked from the prompts' lengths and image sizes before any forward
+    from collections import Counter
+
+    from vlmopt.evaluation import image_size
+
+    screen = calib[:n_screen]
+    sizes = {(h, w): n for (w, h), n in Counter(image_size(r) for r in screen).items()}
+    Space(lm, _text_tokens(lm, screen, opts.batch_size), image_sizes=sizes).check_target(
+        opts.target, opts.scope)
     say(f"encoding {n_screen} calibration samples for the search"
         + (f" (finalists: all {len(calib)})" if rerank else ""))
     evaluator = Evaluator(lm, calib[:n_screen], batch_size=opts.batch_size)
@@ -193,18 +248,6 @@ def optimize(opts: Options, progress: Callable | None = None,
                               f"reach: the minimum is {smallest:.3f} of the original weight "
                               "bytes (Q/K at 25%, every decoder linear at 4 bits)")
 
-    created = not opts.out.exists()
-    opts.out.mkdir(parents=True, exist_ok=True)
-    try:
-        study = open_study(storage, study_name(opts, lm.fingerprint), opts.seed)
-    except VlmoptError:
-        if created:
-            shutil.rmtree(opts.out, ignore_errors=True)
-        raise
-    (opts.out / RUN_FILE).write_text(json.dumps(opts.signature(lm.fingerprint), indent=2))
-    if resuming:
-        say(f"resuming the study in {storage}")
-
     say("Layer Contribution per layer")
     lc = layer_contribution(lm, calib[:64], batch_size=opts.batch_size)
     order = rank_layers(lc)
@@ -218,6 +261,9 @@ def optimize(opts: Options, progress: Callable | None = None,
         strategies.psigmoid(ctx, opts.trials)
     else:
         strategies.joint(ctx, opts.trials, freeze_order=order)
+    if opts.storage:  # a shared study: every worker ranks the same, whole set of trials
+        settle(study, say)
+    ctx.sync()
     best = ctx.choose()
     if best is None:
         raise VlmoptError(f"no plan within --target-flops {opts.target} was found")
@@ -228,7 +274,7 @@ def optimize(opts: Options, progress: Callable | None = None,
         say(f"re-ranking the {len(fin)} best plans on all {len(calib)} calibration samples")
         final = Evaluator(lm, calib, batch_size=opts.batch_size)
         final.labelled = evaluator.labelled
-        reranked = [dataclasses.replace(r, metrics=final.evaluate(r.steps)) for r in fin]
+        reranked = [dataclasses.replace(r, metrics=_rerank(study, final, r.steps)) for r in fin]
         finals = [{"number": r.number, "steps": r.steps, "ratio_llm": r.ratio_llm,
                    "search": s.metrics.to_json(), "all": r.metrics.to_json()}
                   for r, s in zip(reranked, fin)]
@@ -294,9 +340,25 @@ def optimize(opts: Options, progress: Callable | None = None,
         "search_seconds": t_search, "search_evaluations": n_search,
         "evaluations": evaluator.n_evaluated + (final.n_evaluated if rerank else 0),
     }
-    _publish(opts, lm, chosen, plan, result, calib, say)
+    _publish(od, opts, lm, chosen, plan, result, calib, say)
     result["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _rerank(study, final, steps):
+    """A finalist's metrics on the whole calibration set, measured once per study: stored in
+    it, so a killed run and every worker of a shared study reuse them."""
+    from vlmopt.search.evaluator import Metrics, plan_hash
+
+    key = f"rerank:{plan_hash(steps)}"
+    got = study.user_attrs.get(key)
+    if got is not None:
+        m = Metrics(**got)
+        final.remember(steps, m)
+        return m
+    m = final.evaluate(steps)
+    study.set_user_attr(key, {"accuracy": m.accuracy, "agreement": m.agreement, "kl": m.kl})
+    return m
 
 
 def _compression(gm) -> dict:
@@ -311,11 +373,15 @@ def _compression(gm) -> dict:
     return out
 
 
-def _publish(opts: Options, lm, chosen, plan, result: dict, calib, say) -> None:
-    """Write every output into a temp dir inside OUT, then move them in; the run file goes."""
+def _publish(od: outdir.OutDir, opts: Options, lm, chosen, plan, result: dict, calib,
+             say) -> None:
+    """Write every output into OUT's staging directory, then publish them (vlmopt.outdir). A
+    full or read-only disk is one error line; the staged part goes, the study stays."""
+    import errno
+
     from vlmopt import report
 
-    tmp = Path(tempfile.mkdtemp(prefix=".publish.", dir=opts.out))
+    tmp = od.staging()
     try:
         plan.save(tmp / "plan.json")
         if opts.emit:
@@ -334,11 +400,16 @@ def _publish(opts: Options, lm, chosen, plan, result: dict, calib, say) -> None:
                 result["artifact"] = {"graphs": list(manifest.get("graphs", {}))}
         say("writing the report")
         report.write(result, tmp)
-        # NOTE: plan.json marks a finished run, so it moves in last
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "plan.json"):
-            p.rename(opts.out / p.name)
-        tmp.rmdir()
-        (opts.out / RUN_FILE).unlink(missing_ok=True)
-    except BaseException:
+        od.commit()
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
+            raise VlmoptError(f"--out {opts.out}: cannot write the results ({e.strerror}); "
+                              "the search is kept in the study: run the same command again "
+                              "to finish") from None
+        raise
+    except BaseException:
+        if not od.run_file.exists() or "publishing" not in json.loads(
+                od.run_file.read_text()):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
