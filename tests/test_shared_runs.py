@@ -291,6 +291,8 @@ def test_two_postgresql_workers_share_trials_and_ship_the_same_plan(postgres, ti
     assert trials == reports[1]["trials"]  # both ranked the whole study
     n = reports[1]["trial_counts"]
     assert len(n["workers"]) == 2 and all(v > 0 for v in n["workers"].values())
+    assert all(f"{w} ran {k}" in (outs[1] / "report.md").read_text()
+               for w, k in n["workers"].items())
     # shared: 20 trials in all (one more when both finish their last at once) ...
     assert sum(n["workers"].values()) == n["evaluated"] + n["rejected_over_target"]
     assert 20 <= n["evaluated"] + n["rejected_over_target"] <= 21

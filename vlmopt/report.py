@@ -120,6 +120,20 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def trials_line(r: dict) -> str:
+    """How many trials the study holds, by outcome and by worker (a shared study's workers all
+    rank the whole study)."""
+    n = r.get("trial_counts") or {}
+    text = (f"The study holds {n.get('evaluated', 0)} evaluated trials and "
+            f"{n.get('rejected_over_target', 0)} rejected by the cost model before evaluation")
+    if n.get("interrupted"):
+        text += f"; {n['interrupted']} were interrupted by a kill and run again"
+    workers = n.get("workers") or {}
+    if len(workers) > 1:
+        text += "; workers: " + ", ".join(f"{w} ran {k}" for w, k in sorted(workers.items()))
+    return text + "."
+
+
 def reranking(r: dict) -> list[str]:
     """The finalists table (markdown lines), when the search screened on fewer samples."""
     if not r.get("finalists"):
@@ -159,7 +173,7 @@ def markdown(r: dict) -> str:
              f"{r['eval']} ({r['n_eval']}).", "",
              f"Chosen plan: LLM FLOPs ratio {r['chosen']['ratio_llm']:.3f}, total "
              f"{r['chosen']['ratio_total']:.3f}, measured prefill latency ratio "
-             f"{r['latency_ratio']:.3f}.", "", *reranking(r),
+             f"{r['latency_ratio']:.3f}.", "", trials_line(r), "", *reranking(r),
              "| method | LLM FLOPs | total FLOPs | calib fidelity | held-out accuracy |",
              "| --- | --- | --- | --- | --- |"]
     for m in r["methods"]:
@@ -187,5 +201,6 @@ def write(r: dict, out: Path) -> None:
     ours = next(m for m in r["methods"] if m["method"].startswith("vlmopt"))
     html = env.from_string(_TEMPLATE.read_text()).render(
         r=r, plots=plots(r), layers=layer_rows(r), ours=ours, orig=methods["original"],
-        fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2), label=plan_label)
+        fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2), label=plan_label,
+        trials_line=trials_line(r))
     (out / "report.html").write_text(html)
