@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export VLMOPT_CACHE="${VLMOPT_CACHE:-$PWD/.cache}"
 ruff check vlmopt passes search tests examples
-python -m pytest -q -p no:cacheprovider tests "$@"
+python -m pytest -q -rs -p no:cacheprovider tests "$@"

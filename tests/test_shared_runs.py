@@ -34,6 +34,9 @@ if stage == "search":
 elif stage == "rerank":
     import vlmopt.optimize as mod
     cls, name = mod, "_rerank"
+elif stage == "export":
+    import vlmopt.emit as mod
+    cls, name = mod, "emit"
 else:
     import vlmopt.report as mod
     cls, name = mod, "write"
@@ -169,15 +172,22 @@ def test_kill_during_re_ranking_keeps_what_was_re_ranked(reference, tiny_llava, 
     assert got["evaluations"] == ref["evaluations"] - ref["search_evaluations"] - stored
 
 
+@pytest.mark.parametrize("stage", ["export", "report"])
 def test_kill_while_writing_results_then_rerun_completes(reference, tiny_llava, synth_data,
-                                                        tmp_path):
+                                                        tmp_path, stage):
     out = tmp_path / "out"
-    proc = _child(_args(tiny_llava, synth_data, out), stage="report", slow=30)
+    args = _args(tiny_llava, synth_data, out)
+    if stage == "export":  # with the ONNX package this time
+        args.remove("--no-emit")
+    proc = _child(args, stage=stage, slow=60)
     _kill_when(proc, lambda: (out / ".publish" / "plan.json").exists())
     assert (out / ".publish").exists() and not (out / "plan.json").exists()
-    assert main(_args(tiny_llava, synth_data, out)) == 0
+    assert main(args) == 0
     _complete(out)
     assert _report(out)["chosen"]["steps"] == _report(reference)["chosen"]["steps"]
+    if stage == "export":  # the package is whole: every file its manifest lists is there
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert all((out / f).is_file() for f in manifest["files"])
 
 
 def test_a_crash_in_the_middle_of_the_publish_is_finished_by_the_rerun(
