@@ -1,8 +1,10 @@
 """drop_tokens: layer_{k-1} -> layer_k  becomes  layer_{k-1} -> score -> keep-top-k -> layer_k.
 
 Ensures: from layer k on, each sample carries exactly ``keep[k]`` visual tokens (static counts,
-non-increasing with depth); text tokens are never dropped; kept tokens keep their original
-position ids and order; the causal mask and RoPE are rebuilt for the shorter sequence.
+non-increasing with depth); text tokens are never dropped; kept tokens keep their order and
+their original position ids (``positions="original"``) or are renumbered 0.. after the cut
+(``"contiguous"``, PyramidDrop's official code); the causal mask and RoPE are rebuilt for the
+shorter sequence.
 Requires: a captured LLaVA graph; counts not above what the previous passes left.
 
 Scorers (shared/methods.md sections 2, 5, 9):
@@ -24,7 +26,13 @@ from torch import fx
 
 from vlmopt.ir import tokens
 from vlmopt.ir.capture import decoder_nodes
-from vlmopt.ir.rewrite import ChainState, add_module, insert_token_change, set_visual_budget
+from vlmopt.ir.rewrite import (
+    ChainState,
+    add_module,
+    check_positions,
+    insert_token_change,
+    set_visual_budget,
+)
 from vlmopt.pipeline import PassResult, register_pass
 
 SCORERS = ("last_query", "text_mean", "random")
@@ -41,6 +49,9 @@ class Config:
     scorer: str = "last_query"
     score_at: str = "previous"
     seed: int = 0
+    # "original": kept tokens keep their position ids (vlmopt's default, FastV's official code);
+    # "contiguous": renumbered 0.. after each cut (PyramidDrop's official code)
+    positions: str = "original"
 
     def __post_init__(self):
         if not isinstance(self.keep, dict):
@@ -69,6 +80,7 @@ class Config:
             raise ValueError(f"field 'scorer' must be one of {SCORERS}, got {self.scorer!r}")
         if self.score_at not in SCORE_AT:
             raise ValueError(f"field 'score_at' must be one of {SCORE_AT}, got {self.score_at!r}")
+        check_positions(self.positions)
 
 
 def _layer_index(name: str) -> int:
@@ -82,17 +94,24 @@ def _layer_index(name: str) -> int:
 SEARCH_SPACE = {"keep": "non-increasing visual count per layer", "scorer": list(SCORERS)}
 
 
-def fastv(k: int, r: float, n_visual: int) -> Config:
-    """FastV(K, R): after K layers, keep round(N * (1 - R)) visual tokens."""
-    return Config(keep={f"layer_{k}": round(n_visual * (1 - r))})
+def fastv(k: int, r: float, n_visual: int, positions: str = "original") -> Config:
+    """FastV(K, R): after K layers, keep round(N * (1 - R)) visual tokens. The official code
+    (pkunlp-icler/FastV) keeps the kept tokens' own position ids (an independent
+    re-implementation of it matched this pass's kept sets 50/50): ``positions="original"``."""
+    return Config(keep={f"layer_{k}": round(n_visual * (1 - r))}, positions=positions)
 
 
-def pdrop(layers: list[int], ratios: list[float], n_visual: int) -> Config:
-    """PyramidDrop: after each layer count r in ``layers``, keep int(N * ratio) of the N."""
+def pdrop(layers: list[int], ratios: list[float], n_visual: int,
+          positions: str = "contiguous") -> Config:
+    """PyramidDrop: after each layer count r in ``layers``, keep int(N * ratio) of the N. The
+    official code (Cooperx521/PyramidDrop at 6444f30, llava/model/modeling_llama_pdrop.py,
+    ``pdrop_forward`` / ``pdrop_rank_drop``) rebuilds position ids as 0..len-1 after every
+    stage: ``positions="contiguous"``, the
+    default here; ``"original"`` is vlmopt's variant (kept tokens keep their ids)."""
     if len(layers) != len(ratios):
         raise ValueError("pdrop: layers and ratios differ in length")
     return Config(keep={f"layer_{r}": int(n_visual * q) for r, q in zip(layers, ratios)},
-                  score_at="next")
+                  score_at="next", positions=positions)
 
 
 @register_pass("drop_tokens", Config)
@@ -138,7 +157,7 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
             d.meta["vlmopt"] = {"block": "drop", "keep": keep}
             return tuple(g.call_function(operator.getitem, (d, i)) for i in range(5))
 
-        insert_token_change(gm, k, build)
+        insert_token_change(gm, k, build, config.positions)
         for d in decoder_nodes(gm)[k:]:
             set_visual_budget(d, keep)
         stats["keep"][name] = keep

@@ -1,9 +1,10 @@
 """select_visual: merge -> layer_0  becomes  merge -> select -> keep-top-k -> layer_0.
 
 Ensures: from layer 0 on, each sample carries exactly ``keep`` visual tokens (static count);
-text tokens are never touched; kept tokens keep their ORIGINAL position ids and order (a design
-rule: VisionZip's own LLaVA code rebuilds the sequence and so renumbers positions
-contiguously); the causal mask and RoPE are rebuilt. The projector still runs on all Nv visual
+text tokens are never touched; kept tokens keep their ORIGINAL position ids and order by default
+(``positions="original"``, vlmopt's variant), or are renumbered 0.. as the official DivPrune and
+VisionZip code does (``positions="contiguous"``, the presets' default); the causal mask and
+RoPE are rebuilt. The projector still runs on all Nv visual
 features, so the cost model's default projector count stays exact.
 Requires: a captured LLaVA graph with no token change before layer 0; ``keep`` <= Nv.
 
@@ -39,7 +40,7 @@ from torch import fx
 
 from vlmopt.ir import select, tokens
 from vlmopt.ir.capture import decoder_nodes, node_by_block
-from vlmopt.ir.rewrite import add_module, insert_token_change, set_visual_budget
+from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, set_visual_budget
 from vlmopt.pipeline import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random")
@@ -53,10 +54,14 @@ class Config:
     keep: int | float = 0
     contextual: int = 0  # visionzip only: how many of ``keep`` are merged contextual tokens
     seed: int = 0  # random only
+    # "original": kept tokens keep their position ids (vlmopt's default); "contiguous": the
+    # shortened sequence is numbered 0.. as the official DivPrune / VisionZip code does
+    positions: str = "original"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
+        check_positions(self.positions)
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
@@ -88,9 +93,23 @@ SEARCH_SPACE = {"method": list(METHODS[1:]), "keep": "visual tokens kept, 1..Nv 
                 "contextual": "visionzip: 0..keep (paper: keep * 10 / 64)"}
 
 
-def visionzip(dominant: int, contextual: int) -> Config:
-    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 tokens, CLS not counted."""
-    return Config(method="visionzip", keep=dominant + contextual, contextual=contextual)
+def visionzip(dominant: int, contextual: int, positions: str = "contiguous") -> Config:
+    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 tokens, CLS not counted (the
+    LightCompress port's counting). The official code (dvlab-research/VisionZip at 3151f6d,
+    visionzip/llava_arch.py) rebuilds the sequence from the kept features with
+    ``position_ids=None``, so its positions are contiguous: the default here. Still vlmopt's:
+    the count excludes CLS and contextual tokens
+    sit in their target patch's slot, not after the dominant ones."""
+    return Config(method="visionzip", keep=dominant + contextual, contextual=contextual,
+                  positions=positions)
+
+
+def divprune(keep: int, positions: str = "contiguous") -> Config:
+    """DivPrune keeping ``keep`` tokens. The official LLaVA path (vbdi/divprune at 799e2d9,
+    LLaVA/llava/model/llava_arch.py) returns ``position_ids=None`` with the pruned sequence, so
+    positions are contiguous: the default here; ``"original"`` is vlmopt's
+    variant."""
+    return Config(method="divprune", keep=keep, positions=positions)
 
 
 def _tag(node: fx.Node, **info) -> fx.Node:
@@ -201,7 +220,7 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         d.meta["vlmopt"] = {"block": "drop", "keep": keep}
         return tuple(_getitems(g, d, 5))
 
-    insert_token_change(gm, 0, build)
+    insert_token_change(gm, 0, build, config.positions)
     gm.graph.eliminate_dead_code()  # the uncut sequence's mask and rope now feed nothing
     gm.recompile()
     for d in decoder_nodes(gm):

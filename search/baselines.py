@@ -1,6 +1,12 @@
 """Published methods at the same FLOPs as the searched plan: each method's one free knob (how
 many tokens it keeps) is set to the largest value that fits the target, so every row of the
-report's comparison spends (at most) the same budget."""
+report's comparison spends (at most) the same budget.
+
+PyramidDrop, VisionZip and DivPrune come twice where the model has 1-row positions: as their
+official code runs them (positions renumbered 0.. after the cut; the plain name) and as vlmopt's
+variant that keeps each token's original position id (", original positions"). FastV's official
+code keeps the original ids. M-RoPE models (Qwen-VL), which the official codes do not cover and
+whose positions encode the image grid, get one row each, with the original positions."""
 
 from __future__ import annotations
 
@@ -14,6 +20,13 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
     (e.g. FastV keeps every token in its first K layers)."""
     N, L = space.n_visual, space.n_layers
     out: list[tuple[str, Candidate | None]] = []
+    one_row = space.lm.adapter.position_rows == 1
+
+    def both(name: str) -> list[tuple[str, str]]:
+        """(row name, positions): the official convention and vlmopt's variant."""
+        if not one_row:
+            return [(name, "original")]
+        return [(name, "contiguous"), (f"{name}, original positions", "original")]
 
     # FastV: keep everything for K layers (K=2 by default), then c tokens; K=1 if K=2 cannot fit
     for K in sorted({min(2, L - 1), 1}, reverse=True):
@@ -29,17 +42,18 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
     # first stage moved to layer 1 if the default cannot fit
     default = sorted({min(L - 1, max(1, round(L * f))) for f in (0.25, 0.5, 0.75)})
     for stages in (default, sorted({1, *default[1:]})):
-        def pdrop(lam, stages=stages):
+        def pdrop(lam, stages=stages, positions="contiguous"):
             counts, s = [], 0
             for layer in range(L):
                 s += layer in stages
                 counts.append(int(N * lam ** s))
-            return Candidate(snap(counts, N, "none"), score_at="next")
+            return Candidate(snap(counts, N, "none"), score_at="next", positions=positions)
 
         lam = space.fit(pdrop, 0.0, 1.0, target, scope)
         if lam is not None or stages[0] == 1:
             name = "PyramidDrop" if stages == default else "PyramidDrop (stage 1 at layer 1)"
-            out.append((name, None if lam is None else pdrop(lam)))
+            for row, positions in both(name):
+                out.append((row, None if lam is None else pdrop(lam, positions=positions)))
             break
 
     for name, method in (("VisionZip", "visionzip"), ("DivPrune", "divprune"),
@@ -47,13 +61,15 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
         if space.dynamic and method in ("visionzip", "pool"):
             continue  # they need a fixed CLS-ranked / square grid (dynamic resolution has none)
 
-        def select(c, method=method):
-            return Candidate(snap([int(c)] * L, N, method), method)
+        def select(c, method=method, positions="original"):
+            return Candidate(snap([int(c)] * L, N, method), method, positions=positions)
 
+        rows = both(name) if method in ("visionzip", "divprune") else [(name, "original")]
         if method == "pool":
             g = space.fit(lambda x: select(x * x), 1, math.isqrt(N), target, scope, integer=True)
             out.append((name, None if g is None else select(g * g)))
         else:
             c = space.fit(select, 1, N, target, scope, integer=True)
-            out.append((name, None if c is None else select(c)))
+            for row, positions in rows:
+                out.append((row, None if c is None else select(c, positions=positions)))
     return out

@@ -36,6 +36,7 @@ class Candidate:
     frozen: tuple[str, ...] = ()  # ShortV layers
     scorer: str = "last_query"  # drop_tokens scorer
     score_at: str = "previous"  # FastV scores at the layer before a cut; PyramidDrop "next"
+    positions: str = "original"  # or "contiguous": renumbered after each cut (official codes)
     extra: tuple = field(default=())  # further (pass, fields) steps, e.g. lowrank_qk/quantize
 
     def steps(self, n_visual: int, fractions: bool = False) -> list[tuple[str, dict]]:
@@ -53,6 +54,8 @@ class Candidate:
             fields = {"method": method, "keep": budget(self.counts[0], n_visual)}
             if method == "visionzip":
                 fields["contextual"] = visionzip_contextual(self.counts[0])
+            if self.positions != "original":
+                fields["positions"] = self.positions
             steps.append(("select_visual", fields))
             cur = self.counts[0]
         keep = {}
@@ -64,6 +67,8 @@ class Candidate:
             fields = {"keep": keep, "scorer": self.scorer}
             if self.score_at != "previous":
                 fields["score_at"] = self.score_at
+            if self.positions != "original":
+                fields["positions"] = self.positions
             steps.append(("drop_tokens", fields))
         if self.frozen:
             steps.append(("freeze_visual", {"layers": sorted(self.frozen, key=_layer_no)}))

@@ -32,7 +32,7 @@ from vlmopt.pipeline import make_config, run_passes
 N_VIS = 196
 NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids")
 METHODS = {
-    "visionzip": sv.visionzip(20, 6),
+    "visionzip": sv.visionzip(20, 6, positions="original"),
     "divprune": sv.Config("divprune", 30),
     "kcenter": sv.Config("kcenter", 30),
     "pool": sv.Config("pool", 49),

@@ -36,6 +36,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
+    PyramidDrop, VisionZip and DivPrune come as their official code runs them (positions
+    renumbered) and as vlmopt's original-positions variant (``_both``).
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, and there is no pooling (no fixed grid)."""
@@ -48,19 +50,18 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .5)}})]),
           Method(f"FastV K={K} R=75%",
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .25)}})]),
-          Method("PyramidDrop", [("drop_tokens", {
+          *_both("PyramidDrop", "drop_tokens", {
               "keep": {f"layer_{k}": int(n_visual * r) for k, r in zip(q, (.5, .25, .125))},
-              "score_at": "next"})])]
+              "score_at": "next"})]
     have_select = "select_visual" in registry()
     for frac in (0.11, 0.33):
         k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
         pct = f"{k}/{n_visual}"
         if have_select:
             ctx = max(1, round(k * 10 / 64))
-            ms += [Method(f"VisionZip {pct}", [("select_visual", {"method": "visionzip",
-                                                                   "keep": k, "contextual": ctx})]),
-                   Method(f"DivPrune {pct}",
-                          [("select_visual", {"method": "divprune", "keep": k})]),
+            ms += [*_both(f"VisionZip {pct}", "select_visual",
+                          {"method": "visionzip", "keep": k, "contextual": ctx}),
+                   *_both(f"DivPrune {pct}", "select_visual", {"method": "divprune", "keep": k}),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
                    Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
                    Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]
@@ -72,6 +73,13 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         ms.append(Method(f"ShortV {r}/{n_layers} layers",
                          [("freeze_visual", {"layers": sorted(freeze_order[:r])})]))
     return ms
+
+
+def _both(name: str, pass_name: str, fields: dict) -> list[Method]:
+    """A method as its official code runs it (positions renumbered 0.. after the cut) and as
+    vlmopt's variant that keeps the original position ids."""
+    return [Method(name, [(pass_name, {**fields, "positions": "contiguous"})]),
+            Method(f"{name}, original positions", [(pass_name, dict(fields))])]
 
 
 def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[Method]:

@@ -35,15 +35,32 @@ def add_module(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
     return name
 
 
+POSITIONS = ("original", "contiguous")
+
+
+def check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"field 'positions' must be one of {POSITIONS}, got {positions!r}")
+
+
 def insert_token_change(gm: fx.GraphModule, layer: int,
-                        build: Callable[[fx.Graph, ChainState], tuple]) -> None:
+                        build: Callable[[fx.Graph, ChainState], tuple],
+                        positions: str = "original") -> None:
     """Insert nodes before decoder ``layer`` that shorten the sequence.
 
     ``build(graph, state)`` returns new (hidden, pos, visual, amask) nodes, and the kept slot
     indices [B, T'] as a fifth when it has them; the causal mask and rotary embeddings are
     rebuilt from them, and every later decoder node is rewired. Later deepstack nodes (Qwen3-VL)
     follow the kept tokens through the indices; a build without them cannot cut before one.
+    ``positions``: "original" - kept tokens keep their position ids; "contiguous" - they are
+    renumbered 0.. as if the shortened sequence were the prompt (1-row positions only: M-RoPE
+    rows encode the image grid, which renumbering would destroy). Decoding continues after the
+    original prompt length either way, as ``generate`` on the official code does.
     """
+    check_positions(positions)
+    if positions == "contiguous" and gm.meta["vlmopt"].get("position_rows", 1) != 1:
+        raise ValueError("positions 'contiguous' needs 1-row position ids; this model's "
+                         "M-RoPE positions encode the image grid (use 'original')")
     decs = decoder_nodes(gm)
     target = decs[layer]
     old = ChainState.at(target)
@@ -52,6 +69,10 @@ def insert_token_change(gm: fx.GraphModule, layer: int,
                 and n.meta["vlmopt"]["layer"] >= layer]
     with g.inserting_before(target):
         hidden, pos, visual, amask, *idx = build(g, old)
+        if positions == "contiguous":
+            from vlmopt.ir.tokens import contiguous_positions
+
+            pos = g.call_function(contiguous_positions, (pos, amask))
         if later_ds:
             if not idx:
                 raise ValueError(f"node {target.name!r}: this token change keeps no slot indices, "
@@ -69,6 +90,12 @@ def insert_token_change(gm: fx.GraphModule, layer: int,
             old.visual: visual, old.amask: amask}
     for d in decs[layer:]:
         d.args = tuple(swap.get(a, a) for a in d.args)
+        # for the verifier: "exact" - positions are this cut's renumbering; "after" - a later
+        # cut kept its tokens' (renumbered) positions
+        if positions == "contiguous":
+            d.meta["vlmopt"]["renumbered"] = "exact"
+        elif d.meta["vlmopt"].get("renumbered"):
+            d.meta["vlmopt"]["renumbered"] = "after"
     for d in later_ds:  # (hidden, visual, slots, feats)
         d.args = (d.args[0], swap.get(d.args[1], d.args[1]), slots, d.args[3])
     gm.recompile()

@@ -38,6 +38,16 @@ def gather_positions(position_ids: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return position_ids.gather(1, idx)
 
 
+def contiguous_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor
+                         ) -> torch.Tensor:
+    """Position ids renumbered 0.. over the kept sequence's real tokens, as a model run on the
+    shortened sequence numbers them (``cumsum(attention_mask) - 1``): the
+    convention of PyramidDrop's, DivPrune's and VisionZip's official code. Left padding sits
+    at 0, as in vlmopt's own inputs (``inputs.encode``)."""
+    m = attention_mask.to(position_ids.dtype)
+    return (m.cumsum(-1) - 1).clamp(min=0)
+
+
 def visual_count(visual_mask: torch.Tensor, static: int | None) -> int:
     """Visual tokens per row: the static count, or (dynamic resolution) the mask's, which must
     be the same in every row of the batch (batch images of one size together)."""
@@ -103,6 +113,8 @@ class AttnScore(nn.Module):
 class HashScore(nn.Module):
     """A fixed pseudo-random score per original position: the 'random' baseline, exportable."""
 
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def __init__(self, seed: int):
         super().__init__()
         self.seed = seed
@@ -122,6 +134,8 @@ class KeepTopK(nn.Module):
     ``keep_count(keep, n)`` out, so every batch stays rectangular. Returns the shortened
     (hidden, position_ids, visual_mask, attention_mask) and the kept slot indices [B, T'].
     """
+
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
     def __init__(self, n_visual: int | None, keep: int | float):
         super().__init__()

@@ -6,7 +6,9 @@
    count each decoder node declares equals its propagated shape, low-rank factors shaped like the
    weight they replace;
 4. with an ``example`` batch, value invariants: every text token reaches every layer, kept tokens
-   keep their original position ids, and kept positions stay sorted.
+   stay in order and keep their original position ids, or, after a token change declared
+   ``positions="contiguous"``, carry positions renumbered 0.. over the kept sequence. Tokens
+   are told apart by the slot indices each keep-top-k returns, not by their positions.
 Errors name the pass, the node and the invariant.
 """
 
@@ -141,27 +143,43 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
 
 
 class _Recorder(fx.Interpreter):
-    """Records the position ids each decoder node is called with."""
+    """Records, at each decoder node, the position ids it is called with, its attention mask,
+    and the original slot of each of its tokens (composed from the keep-top-k indices)."""
 
     def __init__(self, gm):
         super().__init__(gm)
-        self.seen: list[tuple[str, torch.Tensor]] = []
+        self.seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.slots: torch.Tensor | None = None
 
     def call_module(self, target, args, kwargs):
+        from vlmopt.ir.tokens import KeepTopK
+
         mod = self.module.get_submodule(target)
         if getattr(mod, "is_decoder_block", False):
-            self.seen.append((target, args[3]))
-        return super().call_module(target, args, kwargs)
+            slots = self.slots
+            if slots is None or slots.shape[1] != args[0].shape[1]:
+                slots = None if self.slots is not None else torch.arange(
+                    args[0].shape[1]).expand(args[0].shape[0], -1)
+            self.seen.append((target, args[3], args[5], slots))
+        out = super().call_module(target, args, kwargs)
+        if isinstance(mod, KeepTopK):
+            prev = self.slots if self.slots is not None else torch.arange(
+                args[1].shape[1]).expand(args[1].shape[0], -1)
+            self.slots = prev.gather(1, out[4])
+        return out
 
 
 @torch.no_grad()
 def verify_values(gm: fx.GraphModule, example: dict, *, pass_name: str | None = None) -> None:
     from vlmopt.ir.capture import complete_inputs
+    from vlmopt.ir.tokens import contiguous_positions, gather_positions
 
     ex = complete_inputs(example)
     rec = _Recorder(gm)
     rec.run(*(ex[k] for k in gm.meta["vlmopt"]["inputs"]))
     image_id = gm.meta["vlmopt"]["image_token_id"]
+    renumbered = {n.target: n.meta["vlmopt"]["renumbered"] for n in gm.graph.nodes
+                  if n.meta.get("vlmopt", {}).get("renumbered")}
     valid = ex["attention_mask"].bool()
     for b in range(ex["input_ids"].shape[0]):
         n_pad = int((~valid[b]).sum())
@@ -169,9 +187,20 @@ def verify_values(gm: fx.GraphModule, example: dict, *, pass_name: str | None = 
         is_text = (ex["input_ids"][b] != image_id).tolist()
         all_pos = orig[n_pad:]
         text_pos = {p for p, t in zip(orig[n_pad:], is_text[n_pad:]) if t}
-        for target, pos in rec.seen:
+        for target, pos, amask, slots in rec.seen:
+            # the tokens' identity: their original positions, through the kept slots
+            ident = pos if slots is None else gather_positions(ex["position_ids"], slots)
+            if target in renumbered:
+                want = contiguous_positions(ident, amask)
+                if renumbered[target] == "exact" and \
+                        not torch.equal(pos[b][n_pad:], want[b][n_pad:]):
+                    raise _fail(pass_name, target, "contiguous positions after the cut",
+                                f"sample {b} has {pos[b][n_pad:][:8].tolist()}")
+            elif slots is not None and not torch.equal(pos, ident):
+                raise _fail(pass_name, target, "positions unchanged for kept tokens",
+                            f"sample {b} has positions that are not its tokens' own")
             # NOTE: left padding: pads are text, never dropped, so they stay the first n_pad slots
-            got = _positions(pos, b)[n_pad:]
+            got = _positions(ident, b)[n_pad:]
             if not text_pos <= set(got):
                 raise _fail(pass_name, target, "text tokens kept",
                             f"sample {b} lost positions {sorted(text_pos - set(got))[:5]}")
