@@ -26,32 +26,69 @@ from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 log = logging.getLogger(__name__)
 
 
+def _quantize_list(v: str) -> list[str]:
+    modes = [q.strip() for q in v.split(",") if q.strip()]
+    bad = [q for q in modes if q not in ("int8", "int4")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--quantize has an unknown mode {bad[0]!r}; give a "
+                                         "comma list of int8, int4 ('' for none)")
+    return modes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vlmopt.cli import _nonneg, _positive, _ratio
+
     p.add_argument("model", help="checkpoint, config-only directory (random weights) or "
                    "builtin:synth-llava")
     p.add_argument("--plan", help="plan.json of the optimized model (default: a drop_tokens "
                    "plan at --target-flops)")
-    p.add_argument("--target-flops", type=float, default=0.3,
+    p.add_argument("--target-flops", type=_ratio("--target-flops"), default=0.3,
                    help="prefill FLOPs ratio of the default plan (default 0.3)")
-    p.add_argument("--drop-layer", type=int, default=2,
+    p.add_argument("--drop-layer", type=_nonneg("--drop-layer"), default=2,
                    help="layer of the default plan's drop (FastV K, default 2)")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="text tokens per prompt")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed per run")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--prompt-tokens", type=_positive("--prompt-tokens"), default=32,
+                   help="text tokens per prompt")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=1)
+    p.add_argument("--decode-tokens", type=_positive("--decode-tokens"), default=8,
+                   help="decode steps timed per run")
+    p.add_argument("--repeats", type=_positive("--repeats"), default=5,
+                   help="timed rounds (median reported)")
+    p.add_argument("--threads", type=_positive("--threads"), default=os.cpu_count() or 1,
                    help="threads for PyTorch and ONNX Runtime alike")
-    p.add_argument("--quantize", default="int8,int4",
+    p.add_argument("--quantize", type=_quantize_list, default="int8,int4",
                    help="decode-graph variants to add: comma list of int8,int4 ('' for none)")
     p.add_argument("--data", help="dataset for accuracy and quantized-decode agreement "
                    "(default for builtin:synth-llava: builtin:synthvqa-test)")
-    p.add_argument("--eval-limit", type=int, default=100)
+    p.add_argument("--eval-limit", type=_positive("--eval-limit"), default=100)
     p.add_argument("--no-torch", action="store_true", help="ONNX Runtime variants only")
     p.add_argument("--work-dir", help="keep the exported packages here and reuse those that "
                    "match the model and plan (default: a temporary directory)")
     p.add_argument("--save", help="write the results JSON here")
     p.add_argument("--json", action="store_true")
     return p
+
+
+def check_paths(args) -> None:
+    """--save and --work-dir, before anything is measured (a benchmark takes minutes)."""
+    if args.save:
+        save = Path(args.save)
+        if save.is_dir():
+            raise VlmoptError(f"--save {save}: is a directory; give a file name")
+        if not save.parent.is_dir():
+            raise VlmoptError(f"--save {save}: parent directory {save.parent} does not exist")
+    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        raise VlmoptError(f"--work-dir {args.work_dir}: exists and is not a directory")
+
+
+def save_results(path: Path, res: dict) -> None:
+    """Write the results JSON whole or not at all (temp file beside it, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise VlmoptError(f"--save {path}: cannot write ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------- plan
@@ -63,6 +100,10 @@ def drop_plan(lm, target: float, layer: int, n_text: int) -> dict:
     from vlmopt.api import apply_plan, flops
 
     nv = int(lm.config.image_seq_length)
+    n_layers = int(lm.config.text_config.num_hidden_layers)
+    if not 0 <= layer < n_layers:
+        raise VlmoptError(f"--drop-layer {layer}: the model has {n_layers} decoder layers "
+                          f"(0..{n_layers - 1})")
 
     def plan(keep):
         return {"schema": "vlmopt.plan/1", "model": {"name": lm.name,
@@ -251,13 +292,11 @@ def measure(variants: dict, batch: dict, repeats: int, n_decode: int, warmup: in
 # ----------------------------------------------------------------------------- accuracy
 
 
-def accuracy(arts: dict, data: str, limit: int, n_tokens: int = 4) -> dict:
-    """First-token accuracy of each ONNX variant on ``data``, and greedy-token agreement of the
-    quantized decode graphs with the fp32 one (teacher-forced on the fp32 tokens)."""
-    from vlmopt.data.dataset import load_records
+def accuracy(arts: dict, records: list, n_tokens: int = 4) -> dict:
+    """First-token accuracy of each ONNX variant on ``records``, and greedy-token agreement of
+    the quantized decode graphs with the fp32 one (teacher-forced on the fp32 tokens)."""
     from vlmopt.runtime import preprocessor
 
-    records = load_records(data, limit=limit)
     res = {}
     base = arts.get("ort/optimized")
     for name, art in arts.items():
@@ -286,6 +325,7 @@ def benchmark(args) -> dict:
     import torch
 
     from vlmopt.api import apply_plan, flops
+    from vlmopt.data.dataset import load_records
     from vlmopt.emit import emit, synthetic_batch
     from vlmopt.frontend.load import load, resolve_model
     from vlmopt.ir.capture import capture
@@ -294,8 +334,12 @@ def benchmark(args) -> dict:
 
     torch.set_num_threads(args.threads)
     resolve_model(args.model)
+    # NOTE: every input is read before the model loads: a benchmark takes minutes
+    given = Plan.load(args.plan) if args.plan else None
+    data = args.data or ("builtin:synthvqa-test" if args.model in SYNTHVQA_MODELS else None)
+    records = load_records(data, limit=args.eval_limit) if data else None
     lm = load(args.model)  # a config-only directory: seeded random weights
-    plan = Plan.load(args.plan).to_json() if args.plan else drop_plan(
+    plan = given.to_json() if given else drop_plan(
         lm, args.target_flops, args.drop_layer, args.prompt_tokens)
     gms = {"original": capture(lm), "optimized": apply_plan(lm, plan)}
     cost = flops(lm, gms["optimized"], n_text=args.prompt_tokens)
@@ -303,7 +347,7 @@ def benchmark(args) -> dict:
     tb = synthetic_batch(gms["original"], int(lm.config.text_config.vocab_size),
                          n=args.batch_size, n_text=args.prompt_tokens, ragged=False)
     batch = {"torch": tb, "numpy": {k: v.numpy() for k, v in tb.items()}}
-    quant = [q for q in args.quantize.split(",") if q]
+    quant = args.quantize if isinstance(args.quantize, list) else _quantize_list(args.quantize)
     with tempfile.TemporaryDirectory(prefix="vlmopt-bench-") as tmp:
         work = Path(args.work_dir or tmp)
         arts = {}
@@ -325,9 +369,7 @@ def benchmark(args) -> dict:
             f"torch/{k}": TorchVariant(g) for k, g in gms.items()}}
         variants.update({k: OrtVariant(a) for k, a in arts.items()})
         lat = measure(variants, batch, args.repeats, args.decode_tokens)
-        data = args.data or ("builtin:synthvqa-test" if args.model in SYNTHVQA_MODELS
-                             else None)
-        acc = accuracy(arts, data, args.eval_limit) if data and lm.processor else None
+        acc = accuracy(arts, records) if records and lm.processor else None
     return summarize(args, lm, plan, cost, cost0, lat, acc, data)
 
 
@@ -408,10 +450,10 @@ def print_table(res: dict) -> None:
 
 
 def main(args) -> int:
+    check_paths(args)
     res = benchmark(args)
     if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(json.dumps(res, indent=2) + "\n")
+        save_results(Path(args.save), res)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

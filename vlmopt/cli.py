@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +17,31 @@ from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 log = logging.getLogger("vlmopt")
 
 
-def _int_flag(flag: str, minimum: int):
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``vlmopt: error:`` line, exit 2, no usage block
+    (``--help`` still prints it). Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, usage_error(self.prog, message))
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # NOTE: named after the verb they were given to, not the top-level parser
+            verb = " ".join(v for v in (getattr(ns, "command", None),
+                                        getattr(ns, "data_cmd", None)) if v)
+            self.exit(2, usage_error(f"{self.prog} {verb}".strip(),
+                                     f"unrecognized arguments: {' '.join(extras)}"))
+        return ns
+
+
+def usage_error(prog: str, message: str) -> str:
+    verb = prog.removeprefix("vlmopt").strip()
+    msg = " ".join(message.split())  # one line, whatever argparse composed
+    msg = re.sub(r"^argument (\S+): (?=\1 )", "", msg)  # "argument --n: --n must ..." once
+    return f"vlmopt: error: {verb + ': ' if verb else ''}{msg} (see {prog} --help)\n"
+
+
+def _int_flag(flag: str, minimum: int, maximum: int | None = None):
     def parse(v: str) -> int:
         try:
             n = int(v)
@@ -22,8 +49,38 @@ def _int_flag(flag: str, minimum: int):
             raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {v!r}") from None
         if n < minimum:
             raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {n}")
+        if maximum is not None and n > maximum:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {maximum}, got {n}")
         return n
     return parse
+
+
+def _float_flag(flag: str, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False):
+    """A finite float, optionally within [low, high] (an end open where asked)."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    where = f" in {lo}{low:g}, {high:g}{hi}" if low is not None and high is not None else (
+        f" {'>' if low_open else '>='} {low:g}" if low is not None else "")
+
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {v!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {v!r}")
+        bad_low = low is not None and (x <= low if low_open else x < low)
+        bad_high = high is not None and (x >= high if high_open else x > high)
+        if bad_low or bad_high:
+            raise argparse.ArgumentTypeError(f"{flag} must lie{where}, got {v}")
+        return x
+    return parse
+
+
+def _ratio(flag: str):
+    """A FLOPs (or size) ratio: finite, in (0, 1]."""
+    return _float_flag(flag, 0.0, 1.0, low_open=True)
 
 
 def _positive(flag: str):
@@ -66,13 +123,20 @@ def _progress(total: int, desc: str):
 
 
 def cmd_data_synth(args) -> int:
+    import shutil
+
     from vlmopt.data import synthvqa
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise VlmoptError(f"--out {out}: directory exists and is not empty (nothing overwritten)")
-    path = synthvqa.write_dataset(out, args.n, args.seed)
-    print(f"wrote {args.n} samples to {path}")
+    tmp = _fresh_out(out)
+    try:
+        synthvqa.write_dataset(tmp, args.n, args.seed)
+        _publish(tmp, out)
+    except OSError as e:
+        raise _write_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # NOTE: gone once published (renamed to out)
+    print(f"wrote {args.n} samples to {out / 'data.jsonl'}")
     return 0
 
 
@@ -98,7 +162,10 @@ def cmd_eval(args) -> int:
         original = runner
         args.data = data
     else:
+        from vlmopt.plan import Plan
+
         resolve_model(args.model)  # NOTE: the model's errors come before the data's
+        plan = Plan.load(args.plan) if args.plan else None
         records = load_records(default_data(args.model, args.data), limit=args.limit)
         lm = load(args.model)
         if lm.processor is None:
@@ -110,7 +177,7 @@ def cmd_eval(args) -> int:
         from vlmopt.api import apply_plan
         from vlmopt.ir.capture import graph_runner
 
-        runner = graph_runner(apply_plan(lm, args.plan))
+        runner = graph_runner(apply_plan(lm, plan))
     advance, close = _progress(len(records), "evaluating")
     try:
         res = evaluate(runner, records, processor, batch_size=args.batch_size,
@@ -153,9 +220,13 @@ def _load_for_cost(model: str):
 
 def cmd_flops(args) -> int:
     from vlmopt.api import apply_plan, flops
+    from vlmopt.frontend.load import resolve_model
+    from vlmopt.plan import Plan
 
+    resolve_model(args.model)  # NOTE: the model's errors come before the plan's
+    plan = Plan.load(args.plan) if args.plan else None
     lm = _load_for_cost(args.model)
-    graph = apply_plan(lm, args.plan, verify=True) if args.plan else None
+    graph = apply_plan(lm, plan, verify=True) if plan else None
     try:
         res = flops(lm, graph, n_text=args.prompt_tokens, image_size=args.image_size)
     except ValueError as e:
@@ -240,11 +311,12 @@ def cmd_compare(args) -> int:
     records = load_records(data, limit=args.limit)
     calib = args.calib or ("builtin:synthvqa-calib" if args.model in SYNTHVQA_MODELS
                            else None)
+    calib_records = load_records(calib, limit=64) if calib else None
     lm = load(args.model)
     info = lm.config
     order = None
-    if calib:
-        order = rank_layers(layer_contribution(lm, load_records(calib, limit=64)))
+    if calib_records:
+        order = rank_layers(layer_contribution(lm, calib_records))
     methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
                               order)
     advance, close = _progress(len(records), "comparing")
@@ -270,14 +342,38 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def check_out(out: Path) -> None:
+    """Refuse, creating nothing, an OUT that is not ours to write: an existing file or
+    non-empty directory, a parent that is missing, not a directory or not writable."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise VlmoptError(f"--out {out}: exists and is not a directory (nothing overwritten)")
+        if any(out.iterdir()):
+            raise VlmoptError(f"--out {out}: exists and is not empty (nothing overwritten)")
+    parent = out.absolute().parent
+    if not parent.exists():
+        raise VlmoptError(f"--out {out}: parent directory {parent} does not exist")
+    if not parent.is_dir():
+        raise VlmoptError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise VlmoptError(f"--out {out}: parent directory {parent} is not writable")
+
+
+def _write_error(out: Path, e: OSError) -> VlmoptError:
+    what = f" {e.filename}" if e.filename else ""
+    return VlmoptError(f"--out {out}: cannot write{what} ({e.strerror or e}); nothing was "
+                       "written")
+
+
 def _fresh_out(out: Path) -> Path:
     """A temp dir beside ``out``; renamed to ``out`` only when everything was written."""
     import tempfile
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VlmoptError(f"--out {out}: exists and is not empty (nothing overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    check_out(out)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
+    except OSError as e:
+        raise _write_error(out, e) from None
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -290,13 +386,20 @@ def cmd_apply(args) -> int:
     import shutil
 
     from vlmopt.api import apply_plan, flops
+    from vlmopt.frontend.load import resolve_model
     from vlmopt.ir.capture import readable
     from vlmopt.plan import Plan
 
+    # NOTE: every input and OUT are checked before the model loads
     plan = Plan.load(args.plan)
-    lm = _load_for_cost(args.model) if args.no_onnx else _load_for_emit(args.model)
+    resolve_model(args.model)
+    calib = [] if args.no_onnx else _emit_calib(args.model, args.calib)
     out = Path(args.out)
-    calib = [] if args.no_onnx else _emit_calib(args.model, args.calib, lm)
+    check_out(out)
+    dump = Path(args.dump_dir) if args.dump_dir else None
+    if dump is not None and dump.exists() and not dump.is_dir():
+        raise VlmoptError(f"--dump-dir {dump}: exists and is not a directory")
+    lm = _load_for_cost(args.model) if args.no_onnx else _load_for_emit(args.model)
     tmp = _fresh_out(out)
     try:
         gm = apply_plan(lm, plan, verify=True, dump_dir=args.dump_dir)
@@ -311,9 +414,13 @@ def cmd_apply(args) -> int:
 
             manifest = emit(lm, gm, tmp, calib, quantize=args.quantize)
         _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as e:
+        if dump is not None and e.filename and Path(e.filename).is_relative_to(dump):
+            raise VlmoptError(f"--dump-dir {dump}: cannot write {e.filename} "
+                              f"({e.strerror or e})") from None
+        raise _write_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # NOTE: gone once published (renamed to out)
     onnx = "no ONNX export (--no-onnx)" if manifest is None else (
         f"ONNX package checked against PyTorch on {manifest['parity']['samples']} sample(s), "
         f"max logit diff {manifest['parity']['max_abs_logit_diff']:.2g}")
@@ -329,7 +436,7 @@ def _load_for_emit(model: str):
     return load(model)
 
 
-def _emit_calib(model: str, calib: str | None, lm) -> list:
+def _emit_calib(model: str, calib: str | None) -> list:
     """Parity samples for emit: --calib, the built-in calibration split, or none (emit then
     checks parity on synthetic prompts and pixels)."""
     from vlmopt.data.dataset import load_records
@@ -343,7 +450,7 @@ def _emit_calib(model: str, calib: str | None, lm) -> list:
 
 def cmd_run(args) -> int:
     # NOTE: ONNX Runtime alone; nothing on this path may import torch (tests/test_runtime.py)
-    from vlmopt.runtime import Artifact, preprocessor
+    from vlmopt.runtime import Artifact, new_tokens_room, open_image, preprocessor
 
     art = Artifact(args.out, provider=args.provider)
     if not art.manifest.get("processor"):
@@ -352,8 +459,19 @@ def cmd_run(args) -> int:
     pre = preprocessor(art)
     image = Path(args.image)
     if not image.is_file():
-        raise VlmoptError(f"--image {image}: no such file")
-    print(art.generate(pre, [args.prompt], [image], max_new_tokens=args.max_new_tokens)[0])
+        raise VlmoptError(f"--image {image}: no such file"
+                          + (" (a directory)" if image.is_dir() else ""))
+    token = "<image>" if art.dynamic else pre.image_token
+    if args.prompt.count(token) != 1:
+        raise VlmoptError(f"--prompt must contain {token} exactly once (found "
+                          f"{args.prompt.count(token)})")
+    im = open_image(image, f"--image {image}")
+    room = new_tokens_room(art.manifest, pre.encode([args.prompt], [im]))
+    if room is not None and room[0] + args.max_new_tokens > room[1]:
+        raise VlmoptError(f"--max-new-tokens {args.max_new_tokens}: the prompt takes {room[0]} "
+                          f"of the model's {room[1]} positions, so at most "
+                          f"{max(room[1] - room[0], 0)} new tokens fit")
+    print(art.generate(pre, [args.prompt], [im], max_new_tokens=args.max_new_tokens)[0])
     return 0
 
 
@@ -367,11 +485,12 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmopt", description=__doc__)
+    p = Parser(prog="vlmopt", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_cmd", required=True)
+    d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_cmd", required=True,
+                                                              metavar="{synth}")
     s = d.add_parser("synth", help="write a SynthVQA dataset (PNG images + data.jsonl)")
     s.add_argument("--n", type=_positive("--n"), required=True)
     s.add_argument("--seed", type=int, default=0)

@@ -5,25 +5,47 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 
-from vlmopt.cli import _positive
+from vlmopt.cli import _float_flag, _positive
+from vlmopt.errors import VlmoptError
 
 log = logging.getLogger("vlmopt")
 
 
-def _float_flag(flag: str):
-    def parse(v: str) -> float:
-        try:
-            return float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {v!r}") from None
+def _size_flag(flag: str):
+    """--target-size: a ratio of the original weight bytes (0.5) or bytes with an optional unit
+    (4MB, 2.5GiB); finite and positive. Whether it is reachable is checked once the model is
+    loaded (vlmopt.optimize.size_ratio)."""
+    units = ("", "B", "KB", "MB", "GB", "KIB", "MIB", "GIB")
+
+    def parse(v: str) -> str:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", v)
+        if not m or m.group(2).upper() not in units:
+            raise argparse.ArgumentTypeError(f"{flag} must be a ratio like 0.5 or a size like "
+                                             f"4MB, got {v!r}")
+        if not 0 < float(m.group(1)) < math.inf:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {v!r}")
+        return v
     return parse
+
+
+def check_flags(args) -> None:
+    """Ranges of the float flags (argparse's types already refused NaN, inf and non-numbers).
+    NOTE: a VlmoptError (exit 2, returned by main) rather than an argparse error, as before."""
+    if not 0 < args.target_flops <= 1:
+        raise VlmoptError(f"--target-flops must lie in (0, 1], got {args.target_flops:g}")
+    if not 0 <= args.tolerance < 1:
+        raise VlmoptError(f"--tolerance must lie in [0, 1), got {args.tolerance:g}")
 
 
 def cmd_optimize(args) -> int:
     from vlmopt.optimize import Options, optimize
+
+    check_flags(args)
 
     opts = Options(model=args.model, target=args.target_flops, out=Path(args.out),
                    calib=args.calib, eval=args.eval, strategy=args.strategy, trials=args.trials,
@@ -90,9 +112,10 @@ def add_parser(sub) -> None:
     o.add_argument("model")
     o.add_argument("--target-flops", type=_float_flag("--target-flops"), required=True,
                    help="prefill FLOPs of the result <= this fraction of the original's")
-    o.add_argument("--target-size", help="also keep weight bytes <= this: a ratio of the "
-                   "original's (0.5) or a size (4MB); the joint search then chooses Q/K rank "
-                   "(CASP) and weight bits too")
+    o.add_argument("--target-size", type=_size_flag("--target-size"),
+                   help="also keep weight bytes <= this: a ratio of the original's (0.5) or "
+                   "a size (4MB); the joint search then chooses Q/K rank (CASP) and weight "
+                   "bits too")
     o.add_argument("--flops-scope", choices=("llm", "total"), default="llm",
                    help="llm (default): decoder prefill, the papers' convention; total: with "
                    "the vision tower and projector, which token passes cannot reduce")
@@ -110,7 +133,8 @@ def add_parser(sub) -> None:
     o.add_argument("--study", help="study name (default: derived from the settings)")
     o.add_argument("--objective", choices=("auto", "accuracy", "agreement"), default="auto",
                    help="auto: accuracy when every calibration record has an answer")
-    o.add_argument("--tolerance", type=_float_flag("--tolerance"), default=0.01,
+    o.add_argument("--tolerance", type=_float_flag("--tolerance"),
+                   default=0.01,
                    help="gsearch: fidelity drop allowed at each layer (default 0.01)")
     o.add_argument("--calib-limit", type=_positive("--calib-limit"))
     o.add_argument("--search-samples", type=_positive("--search-samples"), default=256,

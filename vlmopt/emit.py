@@ -351,6 +351,7 @@ def write_checksums(out: Path, manifest: dict) -> None:
     manifest["files"] = {p.relative_to(out).as_posix(): {"sha256": runtime.sha256(p),
                                                          "bytes": p.stat().st_size}
                          for p in files}
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)  # NOTE: last
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -438,6 +439,7 @@ def build_manifest(lm, gm: fx.GraphModule, out: Path, processor: list[str]) -> d
                "length_per_layer": kv_len},
         "image": image,
         "tokens": {"eos_token_id": eos, "vocab_size": tc.vocab_size,
+                   "max_position_embeddings": getattr(tc, "max_position_embeddings", None),
                    "pad_token_id": next((p for p in (getattr(cfg, "pad_token_id", None),
                                                      getattr(tc, "pad_token_id", None))
                                          if p is not None), None)},

@@ -29,6 +29,7 @@ class Plan:
     passes: list[tuple[str, Any]] = field(default_factory=list)  # (name, Config)
     target: dict | None = None
     provenance: dict = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)  # the file it came from, for errors
 
     def to_json(self) -> dict:
         from vlmopt import __version__
@@ -69,7 +70,11 @@ class Plan:
         for i, p in enumerate(need(obj, "passes", list, "")):
             pname = need(p, "name", str, f"passes[{i}].")
             fields = need(p, "config", dict, f"passes[{i}].")
-            steps.append((pname, pipeline.make_config(pname, fields, f"{where}: passes[{i}]: ")))
+            at = f"{where}: passes[{i}]: "
+            try:
+                steps.append((pname, pipeline.make_config(pname, fields, at)))
+            except PlanError as e:  # an unknown pass's error comes without the place
+                raise PlanError(str(e) if str(e).startswith(at) else at + str(e)) from None
         try:
             pipeline.check_order([n for n, _ in steps])
         except PlanError as e:
@@ -77,21 +82,38 @@ class Plan:
         target = obj.get("target")
         if target is not None and not isinstance(target, dict):
             raise PlanError(f"{where}: field 'target' must be an object or null")
-        prov = obj.get("provenance") or {}
-        return cls(name, fp, steps, target, {k: v for k, v in prov.items() if k != "tool"})
+        prov = obj.get("provenance")
+        if prov is not None and not isinstance(prov, dict):
+            raise PlanError(f"{where}: field 'provenance' must be an object or null")
+        prov = prov or {}
+        return cls(name, fp, steps, target, {k: v for k, v in prov.items() if k != "tool"},
+                   source=where)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"{path}: is a directory; give the plan.json file")
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")
         try:
-            obj = json.loads(path.read_text())
+            raw = path.read_bytes()
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read ({e.strerror or e})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise PlanError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+        if not text.strip():
+            raise PlanError(f"{path}: empty file; a plan is a JSON object")
+        try:
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         return cls.from_json(obj, str(path))
 
     def check_model(self, fingerprint: str, name: str) -> None:
         if fingerprint != self.fingerprint:
-            raise PlanError(f"plan was made for model {self.model_name!r} "
+            raise PlanError(f"{self.source or 'plan'}: made for model {self.model_name!r} "
                             f"(fingerprint {self.fingerprint}), not {name!r} ({fingerprint})")

@@ -36,33 +36,111 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MANIFEST_SCHEMA = "vlmopt.artifact/1"
+CHECKED_DIRS = ("onnx", "processor")  # every file under these is listed with its sha256
+
+
+def manifest_digest(m: dict) -> str:
+    """sha256 of a manifest's content without its own ``manifest_sha256`` (canonical JSON), so
+    an edited or damaged manifest.json is caught like any other file of the artifact."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _field(m: dict, dotted: str, typ, mf: Path):
+    v = m
+    for k in dotted.split("."):
+        if not isinstance(v, dict) or k not in v:
+            raise VlmoptError(f"{mf}: field '{dotted}' is missing (not a complete "
+                              f"{MANIFEST_SCHEMA} manifest)")
+        v = v[k]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+        raise VlmoptError(f"{mf}: field '{dotted}' must be {names}, got {type(v).__name__}")
+    return v
+
+
+def _inside(root: Path, rel: str, mf: Path, what: str) -> Path:
+    f = root / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise VlmoptError(f"{mf}: {what} {rel!r} lies outside the artifact directory")
+    return f
+
+
 def read_manifest(root: Path, verify: bool = True) -> dict:
-    """The manifest of artifact ``root``; with ``verify`` every listed file's checksum too."""
+    """The manifest of artifact ``root``, its structure checked; with ``verify`` also its own
+    checksum and every file's: each listed file must match, and every file under onnx/ and
+    processor/ (and every .onnx graph anywhere) must be listed."""
     root = Path(root)
+    mf = root / "manifest.json"
     if not root.exists():
         raise VlmoptError(f"{root}: no such artifact directory")
     if not is_artifact(root):
         raise VlmoptError(f"{root}: not a vlmopt artifact (no manifest.json)")
+    raw = mf.read_bytes()
     try:
-        m = json.loads((root / "manifest.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VlmoptError(f"{root / 'manifest.json'}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("schema") != "vlmopt.artifact/1":
-        raise VlmoptError(f"{root / 'manifest.json'}: not a vlmopt.artifact/1 manifest")
-    for g in ("prefill", "decode"):
-        f = root / m.get("graphs", {}).get(g, {}).get("file", f"onnx/{g}.onnx")
+        m = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise VlmoptError(f"{mf}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); the "
+                          "manifest is damaged") from None
+    except json.JSONDecodeError as e:
+        raise VlmoptError(f"{mf}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA:
+        raise VlmoptError(f"{mf}: not a {MANIFEST_SCHEMA} manifest")
+    for key, typ in (("model.name", str), ("model.fingerprint", str),
+                     ("graphs.prefill.file", str), ("graphs.decode.file", str),
+                     ("kv.n_layers", int), ("tokens", dict)):
+        _field(m, key, typ, mf)
+    for key, typ in (("processor", (str, type(None))), ("image", dict)):
+        if key in m:
+            _field(m, key, typ, mf)
+    graphs = {g: _inside(root, m["graphs"][g]["file"], mf, "graph file")
+              for g in ("prefill", "decode")}
+    for f in graphs.values():
         if not f.is_file():
             raise VlmoptError(f"{root}: graph file {f.relative_to(root)} is missing")
     if verify:
-        for rel, info in m.get("files", {}).items():
-            f = root / rel
-            if not f.is_file():
-                raise VlmoptError(f"{root}: file {rel} listed in manifest.json is missing")
-            if sha256(f) != info["sha256"]:
-                raise VlmoptError(f"{root}: checksum mismatch for {rel} (manifest.json says "
-                                  f"sha256 {info['sha256'][:12]}..., file has "
-                                  f"{sha256(f)[:12]}...)")
+        _verify(root, m, mf, graphs)
     return m
+
+
+def _verify(root: Path, m: dict, mf: Path, graphs: dict) -> None:
+    recorded = _field(m, "manifest_sha256", str, mf)
+    actual = manifest_digest(m)
+    if recorded != actual:
+        raise VlmoptError(f"{mf}: checksum mismatch: the manifest was edited or damaged "
+                          f"(it records sha256 {recorded}, its content has {actual})")
+    files = _field(m, "files", dict, mf)
+    for rel, info in files.items():
+        f = _inside(root, rel, mf, "file")
+        if not f.is_file():
+            raise VlmoptError(f"{root}: file {rel} listed in manifest.json is missing")
+        want = info.get("sha256") if isinstance(info, dict) else None
+        if not isinstance(want, str):
+            raise VlmoptError(f"{mf}: files[{rel!r}] has no sha256")
+        got = sha256(f)
+        if got != want:
+            raise VlmoptError(f"{root}: checksum mismatch for {rel} (manifest.json says "
+                              f"sha256 {want}, the file has {got})")
+    on_disk = [p for d in CHECKED_DIRS for p in (root / d).rglob("*") if p.is_file()]
+    on_disk += [p for p in root.rglob("*.onnx") if p.is_file()]
+    on_disk += list(graphs.values())
+    for p in sorted(set(on_disk)):
+        rel = p.relative_to(root).as_posix()
+        if rel not in files:
+            raise VlmoptError(f"{root}: {rel} is not listed in manifest.json's files, so its "
+                              "checksum cannot be checked (remove it or export again)")
+
+
+def new_tokens_room(manifest: dict, feeds: dict) -> tuple[int, int] | None:
+    """(positions the prompt takes, the model's position limit), or None if the manifest does
+    not record the limit."""
+    limit = (manifest.get("tokens") or {}).get("max_position_embeddings")
+    if not isinstance(limit, int):
+        return None
+    return int(np.max(feeds["position_ids"])) + 1, limit
 
 
 def session(path: Path, provider: str = "cpu", threads: int | None = None,
@@ -137,6 +215,10 @@ class Artifact:
         if eos == -1:
             eos = self.manifest["tokens"].get("eos_token_id")
         eos = -1 if eos is None else eos
+        room = new_tokens_room(self.manifest, feeds)
+        if room is not None and room[0] + max_new_tokens > room[1]:
+            raise VlmoptError(f"{max_new_tokens} new tokens after a prompt of {room[0]} "
+                              f"positions exceed the model's {room[1]} positions")
         out = self.run_prefill(feeds)
         steps = [out[0]]
         tok = out[0].argmax(-1)  # [B]
@@ -189,17 +271,29 @@ def preprocessor(art: Artifact) -> Preprocessor:
     return Preprocessor(root)
 
 
-def open_image(image):
-    """A PIL image, or the file at a path opened as one (one error line if it is not)."""
+def open_image(image, what: str | None = None):
+    """A PIL image, or the file at a path opened and decoded as one (one error line naming
+    ``what``, e.g. "--image x.png", or the path, if it is not). Images over Pillow's warning
+    threshold (~89 Mpixels) are decoded, to be resized; twice over it they are refused as a
+    decompression bomb."""
+    import warnings
+
     from PIL import Image
 
     if isinstance(image, (str, Path)):
+        what = what or str(image)
         try:
-            im = Image.open(image)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(image)
             im.load()
             return im
+        except FileNotFoundError:
+            raise VlmoptError(f"{what}: no such file") from None
+        except Image.DecompressionBombError as e:
+            raise VlmoptError(f"{what}: refused as a decompression bomb ({e})") from None
         except (OSError, ValueError) as e:
-            raise VlmoptError(f"--image {image}: not an image ({e})") from None
+            raise VlmoptError(f"{what}: not an image ({e})") from None
     return image
 
 
@@ -219,7 +313,12 @@ class Preprocessor:
         if not (self.root / "tokenizer.json").is_file():
             raise VlmoptError(f"{self.root}: no tokenizer.json; the artifact has no processor "
                               "files (vlmopt run needs them)")
-        self.tokenizer = Tokenizer.from_file(str(self.root / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.root / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exception on a malformed file
+            raise VlmoptError(f"{self.root / 'tokenizer.json'}: cannot load the tokenizer "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
         proc = self._json("processor_config.json")
         img = proc.get("image_processor") or self._json("preprocessor_config.json")
         if not img:
@@ -242,7 +341,15 @@ class Preprocessor:
 
     def _json(self, name: str) -> dict:
         f = self.root / name
-        return json.loads(f.read_text()) if f.is_file() else {}
+        if not f.is_file():
+            return {}
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise VlmoptError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise VlmoptError(f"{f}: expected a JSON object")
+        return obj
 
     def _chat_template(self, proc: dict, tcfg: dict) -> str | None:
         if (self.root / "chat_template.jinja").is_file():
@@ -295,9 +402,8 @@ class Preprocessor:
                 image = Image.alpha_composite(white, rgba).convert("RGB")
             else:
                 image = image.convert("RGB")
-        arr = np.array(image)  # [H, W, 3] uint8
         if c.get("do_resize", True):
-            h, w = arr.shape[:2]
+            w, h = image.size
             size = c.get("size", {})
             if "shortest_edge" in size:
                 s = int(size["shortest_edge"])
@@ -306,9 +412,9 @@ class Preprocessor:
                 nh, nw = (new_long, s) if w <= h else (s, new_long)
             else:
                 nh, nw = int(size["height"]), int(size["width"])
-            resample = int(c.get("resample", 3))
-            arr = np.array(Image.fromarray(arr).resize((nw, nh), resample=resample))
-        arr = np.moveaxis(arr, -1, 0)  # [3, H, W]
+            # NOTE: PIL's resize of the RGB image, as HF's (which goes through numpy first)
+            image = image.resize((nw, nh), resample=int(c.get("resample", 3)))
+        arr = np.moveaxis(np.array(image), -1, 0)  # [3, H, W] uint8
         if c.get("do_center_crop", False):
             ch, cw = int(c["crop_size"]["height"]), int(c["crop_size"]["width"])
             h, w = arr.shape[1:]

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,32 @@ class Record:
     where: str  # "file:line", for error messages
 
     def load_image(self) -> Image.Image:
-        try:
-            with Image.open(self.image) as im:
+        with open_image(self.image, self.where) as im:
+            try:
                 return im.convert("RGB")
-        except FileNotFoundError:
-            raise VlmoptError(f"{self.where}: image not found: {self.image}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise VlmoptError(f"{self.where}: cannot decode image {self.image}: {e}") from None
+            except (OSError, ValueError) as e:  # truncated or corrupt pixel data
+                raise VlmoptError(f"{self.where}: cannot decode image {self.image}: "
+                                  f"{e}") from None
+
+
+def open_image(path: Path, where: str) -> Image.Image:
+    """``Image.open`` (header only) with one error line naming ``where`` and the file.
+
+    Images over Pillow's warning threshold (~89 Mpixels, e.g. 10000x10000) are opened: the
+    processor resizes them. Over twice that Pillow refuses them as a decompression bomb."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except FileNotFoundError:
+        raise VlmoptError(f"{where}: image not found: {path}") from None
+    except IsADirectoryError:
+        raise VlmoptError(f"{where}: image {path} is a directory, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise VlmoptError(f"{where}: image {path} refused as a decompression bomb "
+                          f"({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VlmoptError(f"{where}: cannot decode image {path}: {e}") from None
 
 
 def cache_dir() -> Path:
@@ -80,41 +100,69 @@ def resolve(spec: str | os.PathLike) -> Path:
 
 def load_records(spec: str | os.PathLike, limit: int | None = None,
                  check_images: bool = True) -> list[Record]:
-    """Read and validate a JSONL dataset. Every error names the file and line."""
+    """Read and validate a JSONL dataset. Every error names the file and line.
+
+    NOTE: every line is validated, also past ``limit``: a malformed line anywhere is an error,
+    whatever the limit. Images are checked to exist; they are decoded when used
+    (``Record.load_image``, whose errors name the record's line too)."""
     path = resolve(spec)
-    if path.is_dir() and (path / "data.jsonl").exists():
+    if path.is_dir():
+        if not (path / "data.jsonl").is_file():
+            raise VlmoptError(f"{path}: is a directory without data.jsonl; give the JSONL file")
         path = path / "data.jsonl"
-    if not path.is_file():
+    if not path.exists():
         raise VlmoptError(f"{path}: dataset file not found")
+    if not path.is_file():
+        raise VlmoptError(f"{path}: not a regular file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise VlmoptError(f"{path}: cannot read ({e.strerror or e})") from None
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VlmoptError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise VlmoptError(f"{where}: expected a JSON object")
-            prompt, image = obj.get("prompt"), obj.get("image")
-            if not isinstance(prompt, str) or not prompt:
-                raise VlmoptError(f"{where}: missing 'prompt'")
-            if not isinstance(image, str) or not image:
-                raise VlmoptError(f"{where}: missing 'image'")
-            if prompt.count(IMAGE_PLACEHOLDER) != 1:
-                raise VlmoptError(f"{where}: prompt must contain the image placeholder "
-                                  f"{IMAGE_PLACEHOLDER} exactly once")
-            answer = obj.get("answer")
-            if answer is not None and not isinstance(answer, str):
-                raise VlmoptError(f"{where}: 'answer' must be a string")
-            img = (path.parent / image).resolve()
-            if check_images and not img.is_file():
-                raise VlmoptError(f"{where}: image not found: {img}")
-            records.append(Record(img, prompt, answer, obj.get("type"), where))
-            if limit is not None and len(records) >= limit:
-                break
+    for n, bline in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}:{n}"
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise VlmoptError(f"{where}: not UTF-8 text (byte 0x{bline[e.start]:02x} at column "
+                              f"{e.start + 1})") from None
+        if not line.strip():
+            continue
+        rec = _record(line, where, path, check_images)
+        if limit is None or len(records) < limit:
+            records.append(rec)
     if not records:
-        raise VlmoptError(f"{path}: dataset is empty")
+        raise VlmoptError(f"{path}: dataset is empty (no JSON lines)")
     return records
+
+
+def _record(line: str, where: str, path: Path, check_images: bool) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise VlmoptError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise VlmoptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    prompt, image = obj.get("prompt"), obj.get("image")
+    if not isinstance(prompt, str) or not prompt:
+        raise VlmoptError(f"{where}: missing 'prompt'" if prompt is None else
+                          f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(image, str) or not image:
+        raise VlmoptError(f"{where}: missing 'image'" if image is None else
+                          f"{where}: 'image' must be a non-empty string (a path)")
+    n_img = prompt.count(IMAGE_PLACEHOLDER)
+    if n_img != 1:
+        raise VlmoptError(f"{where}: prompt must contain the image placeholder "
+                          f"{IMAGE_PLACEHOLDER} exactly once (found {n_img})")
+    answer = obj.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise VlmoptError(f"{where}: 'answer' must be a string")
+    qtype = obj.get("type")
+    if qtype is not None and not isinstance(qtype, str):
+        raise VlmoptError(f"{where}: 'type' must be a string")
+    img = (path.parent / image).resolve()
+    if check_images and not img.is_file():
+        if img.is_dir():
+            raise VlmoptError(f"{where}: image {img} is a directory, not an image file")
+        raise VlmoptError(f"{where}: image not found: {img}")
+    return Record(img, prompt, answer, qtype, where)

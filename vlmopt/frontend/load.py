@@ -80,7 +80,20 @@ def read_config(path: Path) -> dict:
     except UnicodeDecodeError:
         raise VlmoptError(f"{cfg_file}: not UTF-8 text") from None
     if not isinstance(cfg, dict):
-        raise VlmoptError(f"{cfg_file}: not a config object")
+        raise VlmoptError(f"{cfg_file}: not a config object (a JSON {type(cfg).__name__})")
+    if "model_type" not in cfg:
+        raise VlmoptError(f"{cfg_file}: no 'model_type' field; not a Hugging Face model config")
+    if not isinstance(cfg["model_type"], str):
+        raise VlmoptError(f"{cfg_file}: field 'model_type' must be a string, got "
+                          f"{type(cfg['model_type']).__name__}")
+    archs = cfg.get("architectures")
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
+        raise VlmoptError(f"{cfg_file}: field 'architectures' must be a list of class names")
+    for sub in ("text_config", "vision_config"):
+        if cfg.get(sub) is not None and not isinstance(cfg[sub], dict):
+            raise VlmoptError(f"{cfg_file}: field '{sub}' must be an object, got "
+                              f"{type(cfg[sub]).__name__}")
     if cfg.get("auto_map"):
         raise VlmoptError(f"{cfg_file}: needs remote code (auto_map); vlmopt never runs it")
     adapter_class(cfg, str(path))  # refuses unknown and not-yet-supported families
@@ -112,6 +125,7 @@ def fingerprint(path: Path) -> str:
 def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
          seed: int = 0) -> LoadedModel:
     """Load a checkpoint directory of a supported family, or a built-in model, offline."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
     from transformers import AutoConfig
 
@@ -127,7 +141,7 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | N
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
         raise VlmoptError(f"{path / 'config.json'}: not a valid {cfg_dict['model_type']} config "
                           f"({str(e).splitlines()[0]})") from None
     config._attn_implementation = "sdpa"
