@@ -28,6 +28,8 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
             return [(name, "original")]
         return [(name, "contiguous"), (f"{name}, original positions", "original")]
 
+    official = both("")[0][1]  # the positions the official code uses on this model
+
     # FastV: keep everything for K layers (K=2 by default), then c tokens; K=1 if K=2 cannot fit
     for K in sorted({min(2, L - 1), 1}, reverse=True):
         def fastv(c, K=K):
@@ -42,7 +44,7 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
     # first stage moved to layer 1 if the default cannot fit
     default = sorted({min(L - 1, max(1, round(L * f))) for f in (0.25, 0.5, 0.75)})
     for stages in (default, sorted({1, *default[1:]})):
-        def pdrop(lam, stages=stages, positions="contiguous"):
+        def pdrop(lam, stages=stages, positions=official):
             counts, s = [], 0
             for layer in range(L):
                 s += layer in stages

@@ -177,8 +177,11 @@ def _optimize(ctx: Context, objective, n_trials: int, source: str, seeds: list[d
     resumed or a second worker runs only what is left); the seeds are queued once."""
     ok = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     trials = ctx.study.get_trials(deepcopy=False)
-    if not any(t.user_attrs.get("source") == source or "fixed_params" in t.system_attrs
-               for t in trials):
+    # only the process that created the study (or owns it: OUT's own, under its lock) queues
+    # the seeds: workers starting together would queue them twice
+    if ctx.study.user_attrs.get("seeder", WORKER) == WORKER and not any(
+            t.user_attrs.get("source") == source or "fixed_params" in t.system_attrs
+            for t in trials):
         for s in seeds:
             ctx.study.enqueue_trial(s, skip_if_exists=True)
 

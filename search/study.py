@@ -168,8 +168,14 @@ def open_study(storage: str, name: str, seed: int) -> optuna.Study:
                 rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S,
                                                  grace_period=GRACE_S,
                                                  heartbeat_stale_trial_callback=_retry)
-            return optuna.create_study(storage=rdb, study_name=name, direction="maximize",
-                                       sampler=TrialSeededTPE(seed), load_if_exists=True)
+            try:  # the one process that creates a shared study queues its seed trials
+                study = optuna.create_study(storage=rdb, study_name=name,
+                                            direction="maximize", sampler=TrialSeededTPE(seed))
+                study.set_user_attr("seeder", WORKER)
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(storage=rdb, study_name=name,
+                                          sampler=TrialSeededTPE(seed))
+            return study
         except sqlalchemy.exc.IntegrityError:
             # workers starting together race to create the schema: the loser retries
             if attempt == 4:

@@ -52,9 +52,12 @@ def test_directory_spec_reads_its_data_jsonl(img_dir):
     assert load_records(img_dir)[0].image == (img_dir / "images" / "a.png").resolve()
 
 
-def test_limit_stops_after_n_records(img_dir):
-    path = write_jsonl(img_dir / "data.jsonl", [GOOD] * 5 + ["not json"])
+def test_limit_returns_n_records_but_the_whole_file_is_validated(img_dir):
+    path = write_jsonl(img_dir / "data.jsonl", [GOOD] * 5)
     assert len(load_records(path, limit=3)) == 3
+    bad = write_jsonl(img_dir / "bad.jsonl", [GOOD] * 5 + ["not json"])
+    with pytest.raises(VlmoptError, match=f"{bad}:6"):
+        load_records(bad, limit=3)  # a broken file is broken whatever the limit
 
 
 def test_blank_lines_are_skipped_but_still_counted(img_dir):

@@ -152,9 +152,8 @@ def test_contiguous_positions_are_refused_on_m_rope():
     from helpers import build_tiny_qwen
 
     with pytest.raises(ValueError, match="contiguous.*M-RoPE"):
-        run_passes(capture(build_tiny_qwen("qwen2_5_vl")), [("drop_tokens", dt.Config(keep={"layer_1": 0.5},
-                                                          positions="contiguous"))],
-                   verify=False)
+        cfg = dt.Config(keep={"layer_1": 0.5}, positions="contiguous")
+        run_passes(capture(build_tiny_qwen("qwen2_5_vl")), [("drop_tokens", cfg)], verify=False)
 
 
 def test_bad_positions_value_is_rejected():

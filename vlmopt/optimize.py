@@ -109,7 +109,7 @@ def optimize(opts: Options, progress: Callable | None = None,
     """Run the whole job; returns the report's data. ``stage(msg)`` announces each step."""
     from vlmopt.data.dataset import load_records
     from vlmopt.frontend.load import fingerprint, read_config, resolve_model
-    from vlmopt.search.study import check_storage, open_study, recover
+    from vlmopt.search.study import WORKER, check_storage, open_study, recover
 
     say = stage or (lambda msg: log.info(msg))
     t_start = time.perf_counter()
@@ -152,6 +152,8 @@ def optimize(opts: Options, progress: Callable | None = None,
             if fresh_out:
                 (opts.out / STUDY_FILE).unlink(missing_ok=True)
             raise
+        if owned:  # OUT's own study, under its lock: this process is its only worker
+            study.set_user_attr("seeder", WORKER)
         failed = recover(study, owned=owned)
         if state == "fresh":
             od.start(sig)
@@ -358,6 +360,9 @@ def _rerank(study, final, steps):
         return m
     m = final.evaluate(steps)
     study.set_user_attr(key, {"accuracy": m.accuracy, "agreement": m.agreement, "kl": m.kl})
+    # read back: of two workers measuring it at once, both use the value stored last
+    m = Metrics(**study.user_attrs[key])
+    final.remember(steps, m)
     return m
 
 
