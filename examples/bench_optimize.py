@@ -9,18 +9,67 @@ Each target is one full ``vlmopt optimize`` run (search, baselines, held-out eva
 ``builtin:synthvqa-test``, ONNX export with its parity check, report) in a fresh temporary
 directory, exactly what the default command does; its wall time is measured around the whole
 run (--no-emit leaves the export out). Prints one table per target and the pass/fail of each target.
+
+Memory: each run is a fresh child process (``python bench_optimize.py --child ...``: the same
+interpreter, imports and optimize call as ``vlmopt optimize``), and its peak resident set size is
+that child's own ``ru_maxrss`` as ``os.wait4`` reports it when it exits - one figure per run,
+never the maximum over earlier runs - against the goal of a peak under 4 GB (4e9 bytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 GOALS = {0.3: 0.98, 0.15: 0.92}
+RSS_GOAL_BYTES = 4 * 10**9  # peak resident memory of one optimize run
+RSS_SOURCE = "child process ru_maxrss (os.wait4)"
+
+
+def _child(spec: dict, out: Path) -> int:
+    """One optimize run (in this fresh process); writes what the table needs to ``out``."""
+    from vlmopt.errors import VlmoptError
+    from vlmopt.optimize import Options, optimize
+
+    target = spec["target"]
+    with tempfile.TemporaryDirectory() as d:
+        opts = Options(model=spec["model"], target=target, out=Path(d) / "out",
+                       scope=spec["scope"], strategy=spec["strategy"], trials=spec["trials"],
+                       eval_limit=spec["eval_limit"], emit=spec["emit"])
+        t0 = time.perf_counter()
+        try:
+            r = optimize(opts, stage=lambda m: print(f"  [{target}] {m}", file=sys.stderr))
+        except VlmoptError as e:
+            print(f"vlmopt: error: {e}", file=sys.stderr)
+            return 2
+        wall = time.perf_counter() - t0
+        parity = json.loads((opts.out / "manifest.json").read_text())["parity"] \
+            if spec["emit"] else None
+    keep = ("methods", "n_eval", "n_calib", "n_search", "latency_ratio", "plan")
+    out.write_text(json.dumps({"r": {k: r.get(k) for k in keep}, "wall": wall,
+                               "parity": parity}, default=str))
+    return 0
+
+
+def run_child(spec: dict) -> tuple[int, dict | None, int]:
+    """(exit code, the child's results, its peak RSS in bytes)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "result.json"
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
+                                 json.dumps(spec), str(out)],
+                                stdout=sys.stderr)  # the exporter's chatter: not --json's stdout
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        # ru_maxrss: KiB on Linux, bytes on macOS
+        peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        data = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
+        return proc.returncode, data, peak
 
 
 def main() -> int:
@@ -34,27 +83,20 @@ def main() -> int:
     ap.add_argument("--no-emit", action="store_true", help="skip the ONNX export")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    from vlmopt.errors import VlmoptError
-    from vlmopt.optimize import Options, optimize
+    if args.child:
+        return _child(json.loads(args.child[0]), Path(args.child[1]))
 
     results = []
     for target in args.targets:
-        with tempfile.TemporaryDirectory() as d:
-            opts = Options(model=args.model, target=target, out=Path(d) / "out",
-                           scope=args.scope, strategy=args.strategy, trials=args.trials,
-                           eval_limit=args.eval_limit, emit=not args.no_emit)
-            t0 = time.perf_counter()
-            try:
-                r = optimize(opts, stage=lambda m, t=target: print(f"  [{t}] {m}",
-                                                                   file=sys.stderr))
-            except VlmoptError as e:
-                print(f"vlmopt: error: {e}", file=sys.stderr)
-                return 2
-            wall = time.perf_counter() - t0
-            parity = None if args.no_emit else json.loads(
-                (opts.out / "manifest.json").read_text())["parity"]
+        spec = {"model": args.model, "target": target, "scope": args.scope,
+                "strategy": args.strategy, "trials": args.trials,
+                "eval_limit": args.eval_limit, "emit": not args.no_emit}
+        rc, data, peak = run_child(spec)
+        if data is None:
+            return rc or 1
+        r, wall, parity = data["r"], data["wall"], data["parity"]
         rows = [m for m in r["methods"] if m.get("eval")]
         orig = next(m for m in rows if m["method"] == "original")["eval"]["accuracy"]
         ours = next(m for m in rows if m["method"].startswith("vlmopt"))
@@ -77,11 +119,15 @@ def main() -> int:
                            for m in rows],
                "unreachable": [m["method"] for m in r["methods"] if m.get("unreachable")],
                "plan": r["plan"]["passes"], "emitted": not args.no_emit,
-               "parity": parity}
+               "parity": parity,
+               "peak_rss_bytes": peak, "peak_rss_gb": round(peak / 1e9, 3),
+               "peak_rss_source": RSS_SOURCE, "rss_goal_bytes": RSS_GOAL_BYTES,
+               "rss_goal_met": peak < RSS_GOAL_BYTES}
         results.append(res)
         if not args.json:
             print(f"\ntarget {target} ({args.scope} FLOPs), {r['n_eval']} held-out questions, "
-                  f"optimize wall time {wall:.0f} s")
+                  f"optimize wall time {wall:.0f} s, peak RSS {peak / 1e9:.2f} GB "
+                  f"({RSS_SOURCE})")
             print(f"  {'method':<34} {'accuracy':>9} {'correct':>8} {'agree':>6} {'KL':>7} "
                   f"{'LLM FLOPs':>10} {'total FLOPs':>12}")
             for m in res["methods"]:
@@ -97,6 +143,8 @@ def main() -> int:
                   + f"; beats every baseline: {res['beats_every_baseline']} (by "
                   f"{res['margin_answers']:+d} of {res['n_eval']} answers)"
                   + f"; measured prefill latency ratio {res['latency_ratio']:.3f}")
+            print(f"  peak RSS {peak / 1e9:.2f} GB (goal < {RSS_GOAL_BYTES / 1e9:.0f} GB: "
+                  f"{'met' if res['rss_goal_met'] else 'NOT met'})")
     if args.json:
         print(json.dumps(results, indent=2))
     if args.save:

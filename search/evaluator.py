@@ -7,14 +7,26 @@ identity of shared Hugging Face submodules and of any new parameters) and its in
 signatures. Two candidates that agree up to layer k (same selection, same drops before k) give
 layer k's input the same signature, so its value comes from the cache. The key of a module is
 conservative: anything that is not a plain number, string or list of them is keyed by identity.
+
+Memory: every Evaluator of a process shares one cache of node outputs (``SHARED_CACHE_BYTES``,
+512 MiB), so the search's, the finalists' and the held-out evaluators together stay within it
+(each had its own 3 GiB before: 11 GB peak for the demo); an evaluator's entries go when it is
+garbage collected. Outputs of blocks that are cheaper to recompute than to keep (embedding,
+masks, rotary tables, token gathers, the final norm: ``recompute = True`` on the block) are
+never stored, and an entry that was hit once is protected from the flood of one-off outputs
+(segmented LRU), so what every plan reuses - the vision tower's features, the original model's
+prefix - stays. The original plan is measured from the reference run itself. None of this
+changes a value: a cached output is the one recomputing gives.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,11 +75,26 @@ def plan_hash(steps: list[tuple[str, dict]]) -> str:
 
 
 class _LRU:
-    """Node outputs by (batch, signature), evicted least-recently-used beyond ``max_bytes``."""
+    """Node outputs by key, at most ``max_bytes`` of tensors. Segmented LRU: a new entry is on
+    probation; one hit moves it to the protected segment (at most ``protect`` of the budget, its
+    least recently used entries demoted back beyond that). Eviction takes the least recently
+    used probationary entry first, so a plan's one-off outputs never flush what every plan
+    reuses. A key asked for again after its eviction (remembered among the last ``ghosts``
+    evicted keys) enters protected: one pass of a plan over many batches may outgrow probation
+    before the next plan comes back to its first batch. Keys start with the owning evaluator's
+    token (``drop``)."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes, self.data = max_bytes, 0, OrderedDict()
+    def __init__(self, max_bytes: int, protect: float = 0.5, ghosts: int = 20000):
+        self.max_bytes, self.max_protected = max_bytes, int(max_bytes * protect)
+        self.probation: OrderedDict = OrderedDict()
+        self.protected: OrderedDict = OrderedDict()
+        self.evicted: OrderedDict = OrderedDict()  # keys only, most recent last
+        self.max_ghosts = ghosts
+        self.bytes = self.protected_bytes = 0
         self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.probation) + len(self.protected)
 
     @staticmethod
     def _size(v) -> int:
@@ -78,37 +105,90 @@ class _LRU:
         return 0
 
     def get(self, key):
-        if key in self.data:
-            self.data.move_to_end(key)
+        if key in self.protected:
+            self.protected.move_to_end(key)
             self.hits += 1
-            return self.data[key]
+            return self.protected[key]
+        if key in self.probation:
+            entry = self.probation.pop(key)
+            self._protect(key, entry)
+            self.hits += 1
+            return entry
         self.misses += 1
         return None
 
+    def _protect(self, key, entry) -> None:
+        self.protected[key] = entry
+        self.protected_bytes += entry[1]
+        while self.protected_bytes > self.max_protected:
+            k, e = self.protected.popitem(last=False)
+            self.protected_bytes -= e[1]
+            self.probation[k] = e
+
     def put(self, key, value) -> None:
         size = self._size(value)
-        if size > self.max_bytes:
+        if size > self.max_bytes or key in self.probation or key in self.protected:
             return
-        self.data[key] = (value, size)
         self.bytes += size
+        if self.evicted.pop(key, False):  # wanted again after its eviction: reused
+            self._protect(key, (value, size))
+        else:
+            self.probation[key] = (value, size)
         while self.bytes > self.max_bytes:
-            _, (_, s) = self.data.popitem(last=False)
+            seg = self.probation or self.protected
+            k, (_, s) = seg.popitem(last=False)
             self.bytes -= s
+            if seg is self.protected:
+                self.protected_bytes -= s
+            self.evicted[k] = True
+            if len(self.evicted) > self.max_ghosts:
+                self.evicted.popitem(last=False)
+
+    def drop(self, owner) -> None:
+        """Forget every entry of one owner (an evaluator that is gone)."""
+        for k in [k for k in self.evicted if k[0] == owner]:
+            del self.evicted[k]
+        for seg in (self.probation, self.protected):
+            for k in [k for k in seg if k[0] == owner]:
+                _, s = seg.pop(k)
+                self.bytes -= s
+                if seg is self.protected:
+                    self.protected_bytes -= s
+
+
+SHARED_CACHE_BYTES = 512 << 20  # node outputs kept for every Evaluator of the process together
+_shared: _LRU | None = None
+_owners = itertools.count()
+
+
+def shared_cache() -> _LRU:
+    global _shared
+    if _shared is None or _shared.max_bytes != SHARED_CACHE_BYTES:
+        _shared = _LRU(SHARED_CACHE_BYTES)
+    return _shared
 
 
 class Evaluator:
     """Evaluates plans (lists of (pass, fields)) on pre-encoded calibration batches."""
 
     def __init__(self, lm, records: list[Record], *, batch_size: int = 32,
-                 cache_bytes: int = 3 << 30):
+                 cache_bytes: int | None = None):
+        """``cache_bytes``: a cache of its own of that size; None: the process-wide one."""
         self.lm = lm
         chunks = record_batches(records, batch_size, lm.processor)  # one image size a batch
         records = [r for c in chunks for r in c]
         self.records = records
         self.base = capture(lm)
         self._hf_ids = {id(m) for m in lm.model.modules()}
-        self._pinned: dict[int, object] = {}  # keyed by id() -> kept alive, ids never reused
-        self.cache = _LRU(cache_bytes)
+        # identity keys: a token per object, released when the object dies (weakref), so a
+        # trial's new weights are not kept alive by the keys; objects that cannot be weakly
+        # referenced are pinned (kept alive) so their id() is never reused
+        self._tokens: dict[int, int] = {}
+        self._pinned: dict[int, object] = {}
+        self._next_token = itertools.count()
+        self._owner = next(_owners)
+        self.cache = _LRU(cache_bytes) if cache_bytes is not None else shared_cache()
+        weakref.finalize(self, self.cache.drop, self._owner).atexit = False
         self.results: dict[str, Metrics] = {}  # plan hash -> metrics
         self.n_evaluated = 0
         self.seconds = 0.0
@@ -145,8 +225,15 @@ class Evaluator:
         return tuple(parts)
 
     def _pin(self, obj) -> int:
-        self._pinned.setdefault(id(obj), obj)
-        return id(obj)
+        i = id(obj)
+        tok = self._tokens.get(i)
+        if tok is None:
+            tok = self._tokens[i] = next(self._next_token)
+            try:
+                weakref.finalize(obj, self._tokens.pop, i, None)
+            except TypeError:  # no weak references to it: keep it alive instead
+                self._pinned[i] = obj
+        return tok
 
     def _signatures(self, gm: fx.GraphModule) -> dict[fx.Node, int]:
         sig: dict[fx.Node, int] = {}
@@ -171,14 +258,16 @@ class Evaluator:
     @torch.no_grad()
     def _run(self, gm: fx.GraphModule) -> list[torch.Tensor]:
         sig = self._signatures(gm)
-        cache = self.cache
+        cache, owner = self.cache, self._owner
+        cached = {n for n in gm.graph.nodes if n.op == "call_module"
+                  and not getattr(gm.get_submodule(n.target), "recompute", False)}
         outs = []
 
         class _Cached(fx.Interpreter):
             def run_node(self, n):
-                if n.op != "call_module":
+                if n not in cached:
                     return super().run_node(n)
-                key = (self.batch_index, sig[n])
+                key = (owner, self.batch_index, sig[n])
                 hit = cache.get(key)
                 if hit is not None:
                     return hit[0]
@@ -205,11 +294,13 @@ class Evaluator:
         if key in self.results:
             return self.results[key]
         t0 = time.perf_counter()
-        logits = self._run(self.build(steps))
+        # the original plan's log-probabilities are the reference's (a run of the same graph on
+        # the same batches gives the same logits): no run, and no cached layers needed for it
+        logps = self.ref_logp if not steps else (
+            F.log_softmax(lg, -1) for lg in self._run(self.build(steps)))
         hits, agree, kls = [], [], []
         j = 0
-        for lg, ref in zip(logits, self.ref_logp):
-            logp = F.log_softmax(lg, -1)
+        for logp, ref in zip(logps, self.ref_logp):
             pred = logp.argmax(-1)
             agree += (pred == ref.argmax(-1)).tolist()
             kls += (ref.exp() * (ref - logp)).sum(-1).clamp(min=0).tolist()

@@ -45,6 +45,8 @@ class QwenVision(nn.Module):
 class Identity(nn.Module):
     """The project node of a family whose projector lives inside the vision tower (Qwen-VL)."""
 
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return feats
 
@@ -61,6 +63,8 @@ class Project(nn.Module):
 
 
 class Embed(nn.Module):
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def __init__(self, embed: nn.Module):
         super().__init__()
         self.embed = embed
@@ -71,6 +75,8 @@ class Embed(nn.Module):
 
 class Merge(nn.Module):
     """Scatter image embeddings into the image-token slots; also returns the visual mask."""
+
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
     def __init__(self, image_token_id: int):
         super().__init__()
@@ -88,6 +94,8 @@ class CausalMask(nn.Module):
     """The 4-D mask HF builds for this attention implementation (None when SDPA can use
     is_causal). Rebuilt after every change of T: kept tokens stay sorted, so index-causal holds.
     """
+
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
     def __init__(self, text_config):
         super().__init__()
@@ -107,6 +115,8 @@ class CausalMask(nn.Module):
 
 class Rope(nn.Module):
     """Rotary (cos, sin) [B, T, hd] from the position ids that flow with the tokens."""
+
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
     def __init__(self, rotary: nn.Module):
         super().__init__()
@@ -139,6 +149,8 @@ class Deepstack(nn.Module):
     merged sequence (zero on text); ``slots`` [B, T] says which slot each current token was, so
     the features follow the tokens a pass kept."""
 
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def forward(self, hidden, visual_mask, slots, feats):
         f = feats.gather(1, slots[..., None].expand(-1, -1, feats.shape[-1]))  # [B, T, D]
         return torch.where(visual_mask[..., None], hidden + f.to(hidden.dtype), hidden)
@@ -147,12 +159,16 @@ class Deepstack(nn.Module):
 class DeepstackFeatures(nn.Module):
     """Deepstack features [Nv_total, D] -> per slot of the merged sequence [B, T0, D]."""
 
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def forward(self, tok: torch.Tensor, feats: torch.Tensor, visual_mask: torch.Tensor):
         slots = visual_mask.unsqueeze(-1).expand_as(tok)
         return torch.zeros_like(tok).masked_scatter(slots, feats.to(tok.dtype))
 
 
 class Norm(nn.Module):
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def __init__(self, norm: nn.Module):
         super().__init__()
         self.norm = norm

@@ -88,6 +88,8 @@ class ContextualMerge(nn.Module):
     Merged features are written into the target's own slot. kept [B, Nv]: 1 = kept.
     """
 
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
+
     def __init__(self, n_visual: int, dominant: int, contextual: int):
         super().__init__()
         self.n_visual, self.dominant, self.contextual = n_visual, dominant, contextual
@@ -127,6 +129,8 @@ class ContextualMerge(nn.Module):
 
 class SlotScores(nn.Module):
     """Per-patch scores [B, Nv] -> per-slot scores [B, T] along the visual mask."""
+
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
     def forward(self, per_patch: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
         return to_slots(per_patch, visual_mask)
@@ -210,6 +214,8 @@ class GridPool(nn.Module):
     Each pooled token is written into the slot of the patch nearest its window's centre; those
     slots score 1. Returns (scores [B, T], hidden [B, T, D]); text rows are untouched.
     """
+
+    recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
     def __init__(self, n_visual: int, keep: int):
         super().__init__()
