@@ -128,14 +128,15 @@ def main() -> int:
             print(f"\ntarget {target} ({args.scope} FLOPs), {r['n_eval']} held-out questions, "
                   f"optimize wall time {wall:.0f} s, peak RSS {peak / 1e9:.2f} GB "
                   f"({RSS_SOURCE})")
-            print(f"  {'method':<34} {'accuracy':>9} {'correct':>8} {'agree':>6} {'KL':>7} "
+            w = max([34, *(len(m["method"]) for m in res["methods"])])
+            print(f"  {'method':<{w}} {'accuracy':>9} {'correct':>8} {'agree':>6} {'KL':>7} "
                   f"{'LLM FLOPs':>10} {'total FLOPs':>12}")
             for m in res["methods"]:
-                print(f"  {m['method']:<34} {m['accuracy']:>9.4f} {m['correct']:>8d} "
+                print(f"  {m['method']:<{w}} {m['accuracy']:>9.4f} {m['correct']:>8d} "
                       f"{m['agreement']:>6.3f} {m['kl']:>7.4f} {m['ratio_llm']:>10.3f} "
                       f"{m['ratio_total']:>12.3f}")
             for name in res["unreachable"]:
-                print(f"  {name:<24} cannot reach this target")
+                print(f"  {name:<{w}} cannot reach this target")
             goal = GOALS.get(target)
             print(f"  accuracy / original = {res['relative']:.3f}"
                   + (f" (goal >= {goal}: {'met' if res['relative'] >= goal else 'NOT met'})"
