@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -165,3 +166,24 @@ class Adapter:
         """Position ids when an encoded batch carries none: real tokens counted from 0."""
         amask = batch["attention_mask"]
         return (amask.cumsum(-1) - 1).clamp(min=0)
+
+    # -- geometry (vlmopt.visualize draws the kept tokens on the image) -------------------
+    def token_grid(self, batch: dict, b: int) -> tuple[int, int]:
+        """(rows, cols) of sample ``b``'s visual tokens: its j-th visual token covers cell
+        (j // cols, j % cols) of the image the model saw (``seen_image``)."""
+        raise NotImplementedError(f"{self.family}: no token grid")
+
+    def seen_image(self, batch: dict, b: int, processor) -> np.ndarray:
+        """Sample ``b``'s image as the model saw it (after the processor's resize and crop),
+        undone from the encoded ``pixel_values``: uint8 [H, W, 3]."""
+        raise NotImplementedError(f"{self.family}: no image geometry")
+
+
+def unnormalize(x: np.ndarray, processor) -> np.ndarray:
+    """float pixels [H, W, C] normalized by ``processor``'s image processor -> uint8 [H, W, C]."""
+    ip = processor.image_processor
+    if getattr(ip, "do_normalize", True):
+        x = x * np.asarray(ip.image_std, dtype=np.float32) + np.asarray(ip.image_mean,
+                                                                       dtype=np.float32)
+    scale = ip.rescale_factor if getattr(ip, "do_rescale", True) else 1.0
+    return np.clip(np.rint(x / scale), 0, 255).astype(np.uint8)

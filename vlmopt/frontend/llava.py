@@ -7,10 +7,13 @@ ids, and the image's tokens stand in one contiguous run of ``image_token_id`` in
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from torch import nn
 
 from vlmopt.errors import VlmoptError
-from vlmopt.frontend.family import Adapter, register_family
+from vlmopt.frontend.family import Adapter, register_family, unnormalize
 from vlmopt.ir import blocks
 
 
@@ -56,3 +59,15 @@ class LlavaAdapter(Adapter):
 
     def fixed_n_visual(self) -> int:
         return int(self.model.config.image_seq_length)
+
+    def token_grid(self, batch: dict, b: int) -> tuple[int, int]:
+        """The tower's square patch grid, row-major (CLS, if any, is not an LLM token)."""
+        n = self.fixed_n_visual()
+        side = math.isqrt(n)
+        if side * side != n:
+            raise VlmoptError(f"image_seq_length {n} is not a square patch grid")
+        return side, side
+
+    def seen_image(self, batch: dict, b: int, processor) -> np.ndarray:
+        x = batch["pixel_values"][b].detach().float().permute(1, 2, 0).numpy()  # [H, W, C]
+        return unnormalize(x, processor)

@@ -13,10 +13,11 @@ Quirks it owns:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from vlmopt.frontend.family import Adapter, register_family
+from vlmopt.frontend.family import Adapter, register_family, unnormalize
 from vlmopt.ir import blocks
 
 
@@ -89,6 +90,24 @@ class QwenVLAdapter(Adapter):
         pos, _ = self.model.model.get_rope_index(ids, image_grid_thw=batch["image_grid_thw"],
                                                  attention_mask=amask, mm_token_type_ids=types)
         return pos
+
+    def token_grid(self, batch: dict, b: int) -> tuple[int, int]:
+        """One image per sample: its merged grid (h/m, w/m), row-major, as M-RoPE numbers it."""
+        t, h, w = (int(v) for v in batch["image_grid_thw"][b])
+        return h // self.merge_size, w // self.merge_size
+
+    def seen_image(self, batch: dict, b: int, processor) -> np.ndarray:
+        """The resized image, from its patches: the processor lays them out m x m windows of
+        (C, temporal, p, p) patches, row-major (vlmopt.preprocess_qwen); this undoes it."""
+        grids = batch["image_grid_thw"]
+        start = int(grids[:b].prod(-1).sum())
+        t, gh, gw = (int(v) for v in grids[b])
+        v, m = self.vision_config, self.merge_size
+        p, tp, c = v.patch_size, v.temporal_patch_size, v.in_channels
+        x = batch["pixel_values"][start:start + gh * gw].detach().float().numpy()
+        x = x.reshape(gh // m, gw // m, m, m, c, tp, p, p)[:, :, :, :, :, 0]
+        x = x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, c)  # [H, W, C]
+        return unnormalize(x, processor)
 
 
 def image_grid(path, vision_config, height: int, width: int) -> tuple[int, int, int]:
