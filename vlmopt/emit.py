@@ -200,17 +200,16 @@ def _export(module, args: tuple, kwargs: dict, dynamic_shapes, in_names, out_nam
     prog.save(str(path), external_data=None)  # external data only when > 2 GB
 
 
-def export_graphs(gm: fx.GraphModule, batch: dict, onnx_dir: Path) -> None:
-    """Write onnx/prefill.onnx and onnx/decode.onnx for the graph ``gm``."""
-    n_layers = len(decoder_nodes(gm))
-    names = io_names(n_layers, layout_names(gm))
+def export_prefill(gm: fx.GraphModule, batch: dict, path: Path) -> tuple:
+    """Write the prefill graph of ``gm`` at ``path``; returns its PyTorch outputs on ``batch``
+    (the example inputs of the decode export)."""
+    names = io_names(len(decoder_nodes(gm)), layout_names(gm))
     B, S = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("prompt_len", max=1 << 20)
     pf = PrefillForm(gm).eval()
     ds = {"input_ids": {0: B, 1: S}, "pixel_values": {0: B}, "attention_mask": {0: B, 1: S},
           "position_ids": {0: B, 1: S}}
     feeds = export_feeds(gm, batch)
     if dynamic(gm):  # batch 1; patches = merge^2 x the LLM's visual tokens
-        B = None
         M = torch.export.Dim("visual_tokens", min=1, max=1 << 16)
         N = pf.unit * M
         ds = {"input_ids": {1: S}, "pixel_values": {0: N}, "attention_mask": {1: S},
@@ -219,9 +218,16 @@ def export_graphs(gm: fx.GraphModule, batch: dict, onnx_dir: Path) -> None:
               "interp_w": {0: N}}
         ds = {k: v for k, v in ds.items() if k in feeds}
     with torch.no_grad():
-        _export(pf, (), feeds, ds, names["prefill_in"], names["prefill_out"],
-                onnx_dir / "prefill.onnx")
-        out = pf(**feeds)
+        _export(pf, (), feeds, ds, names["prefill_in"], names["prefill_out"], path)
+        return pf(**feeds)
+
+
+def export_graphs(gm: fx.GraphModule, batch: dict, onnx_dir: Path) -> None:
+    """Write onnx/prefill.onnx and onnx/decode.onnx for the graph ``gm``."""
+    n_layers = len(decoder_nodes(gm))
+    names = io_names(n_layers, layout_names(gm))
+    out = export_prefill(gm, batch, onnx_dir / "prefill.onnx")
+    B = None if dynamic(gm) else torch.export.Dim("batch", min=1, max=1024)
     tok = out[0].argmax(-1, keepdim=True)  # [B, 1]
     past = list(out[2:])
     pds = []
@@ -461,7 +467,7 @@ def artifact_eval(root, data: str | None, plan: str | None = None):
     m = art.manifest
     if not m.get("processor"):
         raise VlmoptError(f"{root}: the artifact has no processor files; evaluation needs them")
-    from vlmopt.cli import default_data
+    from vlmopt.data.defaults import default_data
 
     proc_dir = Path(root) / m["processor"]
     data = default_data(m["model"]["name"], data)
