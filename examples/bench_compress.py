@@ -26,7 +26,7 @@ from vlmopt.passes import lowrank_qk, quantize
 
 import vlmopt
 from vlmopt import inputs
-from vlmopt.calib_stats import quantization_sensitivity
+from vlmopt.analysis import quantization_sensitivity
 from vlmopt.data.dataset import load_records
 from vlmopt.errors import VlmoptError
 

@@ -33,7 +33,7 @@ from vlmopt.ir.rewrite import (
     insert_token_change,
     set_visual_budget,
 )
-from vlmopt.pipeline import PassResult, register_pass
+from vlmopt.passreg import PassResult, register_pass
 
 SCORERS = ("last_query", "text_mean", "random")
 SCORE_AT = ("previous", "next")

@@ -20,7 +20,7 @@ from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.frozen import FrozenDecoder
 from vlmopt.ir.rewrite import add_module
 from vlmopt.ir.weights import check_regex
-from vlmopt.pipeline import PassResult, register_pass
+from vlmopt.passreg import PassResult, register_pass
 
 _LAYER = re.compile(r"^layer_\d+$")
 

@@ -39,7 +39,7 @@ from vlmopt.calib_stats import WEIGHTINGS, covariances_for_graph, whitening_cova
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.lowrank import LowRankLinear, factorize, rank_for_ratio
 from vlmopt.ir.weights import check_all_match, check_selectors, resolve, retarget
-from vlmopt.pipeline import PassResult, register_pass
+from vlmopt.passreg import PassResult, register_pass
 
 _LAYER = re.compile(r"^layer_\d+$")
 PROJ = {"q": "q_proj", "k": "k_proj"}

@@ -29,7 +29,7 @@ from torch import fx, nn
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.quant import BITS, QuantLinear
 from vlmopt.ir.weights import check_all_match, check_selectors, resolve, retarget
-from vlmopt.pipeline import PassResult, register_pass
+from vlmopt.passreg import PassResult, register_pass
 
 _NAME = re.compile(r"^(layer_\d+|project|head)(\.[A-Za-z0-9_.]+)?$")
 GROUP_SIZES = (16, 32, 64, 128, 256)

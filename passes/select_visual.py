@@ -41,7 +41,7 @@ from torch import fx
 from vlmopt.ir import select, tokens
 from vlmopt.ir.capture import decoder_nodes, node_by_block
 from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, set_visual_budget
-from vlmopt.pipeline import PassResult, register_pass
+from vlmopt.passreg import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random")
 

@@ -17,7 +17,7 @@ from vlmopt.passes import lowrank_qk as lr
 from vlmopt.passes import quantize as qz
 
 from vlmopt import api, cost
-from vlmopt.calib_stats import quantization_sensitivity
+from vlmopt.analysis import quantization_sensitivity
 from vlmopt.frontend.load import LoadedModel
 from vlmopt.ir.capture import capture, decoder_nodes, node_by_block
 from vlmopt.ir.lowrank import LowRankLinear

@@ -12,7 +12,7 @@ Python API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from vlmopt.version import __version__
 
 __all__ = ["load", "capture", "apply_plan", "flops", "evaluate", "__version__"]
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from vlmopt import inputs
 from vlmopt.data.dataset import Record, cache_dir
@@ -65,3 +66,20 @@ def layer_contribution(lm, records: list[Record], *, batch_size: int = 16,
 def rank_layers(lc: list[float]) -> list[str]:
     """Layer names from least to most visual contribution (ShortV's replacement order)."""
     return [f"layer_{i}" for i in sorted(range(len(lc)), key=lambda i: lc[i])]
+
+
+@torch.no_grad()
+def quantization_sensitivity(gm: fx.GraphModule, batch: dict, *, bits: int = 4,
+                             group_size: int = 64) -> dict[str, float]:
+    """{"layer_i": KL(p_i || p)}: how far the answer distribution p of ``gm`` moves when decoder
+    layer i alone is quantized to ``bits`` - the per-layer sensitivity that
+    ``vlmopt.passes.quantize.allocate_bits`` takes. ``batch``: encoded calibration inputs."""
+    batch = complete_inputs(batch)
+    ref = F.log_softmax(gm(**batch).float(), -1)  # [B, V]
+    out = {}
+    for i in range(gm.meta["vlmopt"]["n_layers"]):
+        conf = make_config("quantize", {"bits": {f"layer_{i}": bits}, "group_size": group_size})
+        q, _ = run_passes(gm, [("quantize", conf)], verify=False)
+        logq = F.log_softmax(q(**batch).float(), -1)
+        out[f"layer_{i}"] = (logq.exp() * (logq - ref)).sum(-1).mean().clamp(min=0).item()
+    return out

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vlmopt.data.defaults import builtin_default
 from vlmopt.errors import VlmoptError
-from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +36,30 @@ def _quantize_list(v: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from vlmopt.cli import _nonneg, _positive, _ratio
+    from vlmopt.cli_args import nonneg, positive, ratio
 
     p.add_argument("model", help="checkpoint, config-only directory (random weights) or "
                    "builtin:synth-llava")
     p.add_argument("--plan", help="plan.json of the optimized model (default: a drop_tokens "
                    "plan at --target-flops)")
-    p.add_argument("--target-flops", type=_ratio("--target-flops"), default=0.3,
+    p.add_argument("--target-flops", type=ratio("--target-flops"), default=0.3,
                    help="prefill FLOPs ratio of the default plan (default 0.3)")
-    p.add_argument("--drop-layer", type=_nonneg("--drop-layer"), default=2,
+    p.add_argument("--drop-layer", type=nonneg("--drop-layer"), default=2,
                    help="layer of the default plan's drop (FastV K, default 2)")
-    p.add_argument("--prompt-tokens", type=_positive("--prompt-tokens"), default=32,
+    p.add_argument("--prompt-tokens", type=positive("--prompt-tokens"), default=32,
                    help="text tokens per prompt")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=1)
-    p.add_argument("--decode-tokens", type=_positive("--decode-tokens"), default=8,
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=1)
+    p.add_argument("--decode-tokens", type=positive("--decode-tokens"), default=8,
                    help="decode steps timed per run")
-    p.add_argument("--repeats", type=_positive("--repeats"), default=5,
+    p.add_argument("--repeats", type=positive("--repeats"), default=5,
                    help="timed rounds (median reported)")
-    p.add_argument("--threads", type=_positive("--threads"), default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=positive("--threads"), default=os.cpu_count() or 1,
                    help="threads for PyTorch and ONNX Runtime alike")
     p.add_argument("--quantize", type=_quantize_list, default="int8,int4",
                    help="decode-graph variants to add: comma list of int8,int4 ('' for none)")
     p.add_argument("--data", help="dataset for accuracy and quantized-decode agreement "
                    "(default for builtin:synth-llava: builtin:synthvqa-test)")
-    p.add_argument("--eval-limit", type=_positive("--eval-limit"), default=100)
+    p.add_argument("--eval-limit", type=positive("--eval-limit"), default=100)
     p.add_argument("--no-torch", action="store_true", help="ONNX Runtime variants only")
     p.add_argument("--work-dir", help="keep the exported packages here and reuse those that "
                    "match the model and plan (default: a temporary directory)")
@@ -336,7 +336,7 @@ def benchmark(args) -> dict:
     resolve_model(args.model)
     # NOTE: every input is read before the model loads: a benchmark takes minutes
     given = Plan.load(args.plan) if args.plan else None
-    data = args.data or ("builtin:synthvqa-test" if args.model in SYNTHVQA_MODELS else None)
+    data = builtin_default(args.model, args.data)
     records = load_records(data, limit=args.eval_limit) if data else None
     lm = load(args.model)  # a config-only directory: seeded random weights
     plan = given.to_json() if given else drop_plan(

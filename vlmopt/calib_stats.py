@@ -175,23 +175,3 @@ def covariances_for_graph(gm: fx.GraphModule, calib: str, n_samples: int,
         raise ValueError(f"{who}: {src['path']} has no processor files to encode {calib}")
     return cached_covariances(lm, records)
 
-
-@torch.no_grad()
-def quantization_sensitivity(gm: fx.GraphModule, batch: dict, *, bits: int = 4,
-                             group_size: int = 64) -> dict[str, float]:
-    """{"layer_i": KL(p_i || p)}: how far the answer distribution p of ``gm`` moves when decoder
-    layer i alone is quantized to ``bits`` - the per-layer sensitivity that
-    ``vlmopt.passes.quantize.allocate_bits`` takes. ``batch``: encoded calibration inputs."""
-    import torch.nn.functional as F
-
-    from vlmopt.pipeline import make_config, run_passes
-
-    batch = complete_inputs(batch)
-    ref = F.log_softmax(gm(**batch).float(), -1)  # [B, V]
-    out = {}
-    for i in range(gm.meta["vlmopt"]["n_layers"]):
-        conf = make_config("quantize", {"bits": {f"layer_{i}": bits}, "group_size": group_size})
-        q, _ = run_passes(gm, [("quantize", conf)], verify=False)
-        logq = F.log_softmax(q(**batch).float(), -1)
-        out[f"layer_{i}"] = (logq.exp() * (logq - ref)).sum(-1).mean().clamp(min=0).item()
-    return out

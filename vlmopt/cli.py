@@ -5,118 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import re
 import sys
 from pathlib import Path
 
+from vlmopt.cli_args import (
+    Parser,
+    image_size,
+    nonneg,
+    positive,
+    progress,
+)
+from vlmopt.data.defaults import builtin_default, default_data
 from vlmopt.errors import VlmoptError
-from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger("vlmopt")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's error format: one ``vlmopt: error:`` line, exit 2, no usage block
-    (``--help`` still prints it). Subparsers inherit the class."""
-
-    def error(self, message: str):
-        self.exit(2, usage_error(self.prog, message))
-
-    def parse_args(self, args=None, namespace=None):
-        ns, extras = self.parse_known_args(args, namespace)
-        if extras:  # NOTE: named after the verb they were given to, not the top-level parser
-            verb = " ".join(v for v in (getattr(ns, "command", None),
-                                        getattr(ns, "data_cmd", None)) if v)
-            self.exit(2, usage_error(f"{self.prog} {verb}".strip(),
-                                     f"unrecognized arguments: {' '.join(extras)}"))
-        return ns
-
-
-def usage_error(prog: str, message: str) -> str:
-    verb = prog.removeprefix("vlmopt").strip()
-    msg = " ".join(message.split())  # one line, whatever argparse composed
-    msg = re.sub(r"^argument (\S+): (?=\1 )", "", msg)  # "argument --n: --n must ..." once
-    return f"vlmopt: error: {verb + ': ' if verb else ''}{msg} (see {prog} --help)\n"
-
-
-def _int_flag(flag: str, minimum: int, maximum: int | None = None):
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {v!r}") from None
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {n}")
-        if maximum is not None and n > maximum:
-            raise argparse.ArgumentTypeError(f"{flag} must be <= {maximum}, got {n}")
-        return n
-    return parse
-
-
-def _float_flag(flag: str, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False):
-    """A finite float, optionally within [low, high] (an end open where asked)."""
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    where = f" in {lo}{low:g}, {high:g}{hi}" if low is not None and high is not None else (
-        f" {'>' if low_open else '>='} {low:g}" if low is not None else "")
-
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {v!r}") from None
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {v!r}")
-        bad_low = low is not None and (x <= low if low_open else x < low)
-        bad_high = high is not None and (x >= high if high_open else x > high)
-        if bad_low or bad_high:
-            raise argparse.ArgumentTypeError(f"{flag} must lie{where}, got {v}")
-        return x
-    return parse
-
-
-def _ratio(flag: str):
-    """A FLOPs (or size) ratio: finite, in (0, 1]."""
-    return _float_flag(flag, 0.0, 1.0, low_open=True)
-
-
-def _positive(flag: str):
-    return _int_flag(flag, 1)
-
-
-def _nonneg(flag: str):
-    return _int_flag(flag, 0)
-
-
-def _image_size(flag: str):
-    """WIDTHxHEIGHT (or one side for a square), positive pixels."""
-    def parse(v: str) -> tuple[int, int]:
-        parts = v.lower().split("x")
-        try:
-            w, h = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-        except ValueError:
-            w = h = 0
-        if w <= 0 or h <= 0:
-            raise argparse.ArgumentTypeError(f"{flag}: expected WIDTHxHEIGHT or one side in "
-                                             f"pixels, got {v!r}")
-        return h, w
-
-    return parse
-
-
-def _progress(total: int, desc: str):
-    """A rich progress bar on a terminal; nothing otherwise. Returns (advance, close)."""
-    if not sys.stderr.isatty():
-        return (lambda n: None), (lambda: None)
-    from rich.progress import Progress
-
-    p = Progress(transient=True)
-    p.start()
-    task = p.add_task(desc, total=total)
-    return (lambda n: p.advance(task, n)), p.stop
 
 
 # ----------------------------------------------------------------------------- commands
@@ -138,14 +41,6 @@ def cmd_data_synth(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)  # NOTE: gone once published (renamed to out)
     print(f"wrote {args.n} samples to {out / 'data.jsonl'}")
     return 0
-
-
-def default_data(model: str, data: str | None, flag: str = "--data") -> str:
-    if data:
-        return data
-    if model in SYNTHVQA_MODELS:
-        return "builtin:synthvqa-test"
-    raise VlmoptError(f"{flag} is required for model {model}")
 
 
 def cmd_eval(args) -> int:
@@ -178,7 +73,7 @@ def cmd_eval(args) -> int:
         from vlmopt.ir.capture import graph_runner
 
         runner = graph_runner(apply_plan(lm, plan))
-    advance, close = _progress(len(records), "evaluating")
+    advance, close = progress(len(records), "evaluating")
     try:
         res = evaluate(runner, records, processor, batch_size=args.batch_size,
                        reference=original if (args.blank_image or args.plan) else None,
@@ -268,13 +163,10 @@ def cmd_analyze(args) -> int:
     from vlmopt.frontend.load import load, resolve_model
 
     resolve_model(args.model)
-    calib = args.calib or ("builtin:synthvqa-calib" if args.model in SYNTHVQA_MODELS
-                           else None)
-    if calib is None:
-        raise VlmoptError(f"--calib is required for model {args.model}")
+    calib = default_data(args.model, args.calib, "--calib", split="calib")
     records = load_records(calib, limit=args.limit)
     lm = load(args.model)
-    advance, close = _progress(len(records), "layer contribution")
+    advance, close = progress(len(records), "layer contribution")
     try:
         lc = layer_contribution(lm, records, batch_size=args.batch_size, progress=advance,
                                 use_cache=not args.no_cache)
@@ -309,8 +201,7 @@ def cmd_compare(args) -> int:
     resolve_model(args.model)
     data = default_data(args.model, args.data)
     records = load_records(data, limit=args.limit)
-    calib = args.calib or ("builtin:synthvqa-calib" if args.model in SYNTHVQA_MODELS
-                           else None)
+    calib = builtin_default(args.model, args.calib, "calib")
     calib_records = load_records(calib, limit=64) if calib else None
     lm = load(args.model)
     info = lm.config
@@ -319,7 +210,7 @@ def cmd_compare(args) -> int:
         order = rank_layers(layer_contribution(lm, calib_records))
     methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
                               order)
-    advance, close = _progress(len(records), "comparing")
+    advance, close = progress(len(records), "comparing")
     try:
         rows = compare(lm, records, methods, batch_size=args.batch_size, progress=advance)
     finally:
@@ -441,7 +332,7 @@ def _emit_calib(model: str, calib: str | None) -> list:
     checks parity on synthetic prompts and pixels)."""
     from vlmopt.data.dataset import load_records
 
-    calib = calib or ("builtin:synthvqa-calib" if model in SYNTHVQA_MODELS else None)
+    calib = builtin_default(model, calib, "calib")
     if calib is None:
         log.warning("no --calib: ONNX parity is checked on synthetic inputs only")
         return []
@@ -492,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_cmd", required=True,
                                                               metavar="{synth}")
     s = d.add_parser("synth", help="write a SynthVQA dataset (PNG images + data.jsonl)")
-    s.add_argument("--n", type=_positive("--n"), required=True)
+    s.add_argument("--n", type=positive("--n"), required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_data_synth)
@@ -500,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy, agreement, KL and throughput on a dataset")
     e.add_argument("model", help="checkpoint directory or builtin:synth-llava")
     e.add_argument("--data", help="JSONL dataset or builtin:synthvqa-{calib,test}")
-    e.add_argument("--limit", type=_positive("--limit"))
-    e.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    e.add_argument("--limit", type=positive("--limit"))
+    e.add_argument("--batch-size", type=positive("--batch-size"), default=16)
     e.add_argument("--plan", help="evaluate the model optimized by this plan.json "
                    "(agreement and KL are then against the original)")
     e.add_argument("--blank-image", action="store_true",
@@ -512,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flops", help="analytic prefill/decode FLOPs per node, and the ratio")
     f.add_argument("model", help="checkpoint or config-only directory, or builtin:synth-llava")
     f.add_argument("--plan", help="plan.json to apply before counting")
-    f.add_argument("--prompt-tokens", type=_nonneg("--prompt-tokens"), default=32,
+    f.add_argument("--prompt-tokens", type=nonneg("--prompt-tokens"), default=32,
                    help="text (non-visual) prompt tokens per sample (default 32)")
-    f.add_argument("--image-size", type=_image_size("--image-size"), metavar="WxH",
+    f.add_argument("--image-size", type=image_size("--image-size"), metavar="WxH",
                    help="image size for dynamic-resolution models (Qwen-VL), sized by the "
                         "checkpoint's own image processor (default: 448x448)")
     f.add_argument("--json", action="store_true")
@@ -524,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("model")
     z.add_argument("--calib", help="calibration JSONL (default for builtin:synth-llava: "
                    "builtin:synthvqa-calib)")
-    z.add_argument("--limit", type=_positive("--limit"), default=64)
-    z.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    z.add_argument("--limit", type=positive("--limit"), default=64)
+    z.add_argument("--batch-size", type=positive("--batch-size"), default=16)
     z.add_argument("--no-cache", action="store_true", help="recompute even if cached")
     z.add_argument("--json", action="store_true")
     z.set_defaults(fn=cmd_analyze)
@@ -535,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="evaluation JSONL (default for builtin:synth-llava: "
                    "builtin:synthvqa-test)")
     c.add_argument("--calib", help="calibration JSONL for ShortV's Layer Contribution")
-    c.add_argument("--limit", type=_positive("--limit"))
-    c.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    c.add_argument("--limit", type=positive("--limit"))
+    c.add_argument("--batch-size", type=positive("--batch-size"), default=16)
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_compare)
 
@@ -560,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("out", help="artifact directory (vlmopt apply/optimize --out)")
     r.add_argument("--image", required=True)
     r.add_argument("--prompt", required=True, help="prompt containing <image> once")
-    r.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=16)
+    r.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=16)
     r.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     r.set_defaults(fn=cmd_run)
 

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from vlmopt.cli import _float_flag, _positive
+from vlmopt.cli_args import float_flag, positive
 from vlmopt.errors import VlmoptError
 
 log = logging.getLogger("vlmopt")
@@ -110,7 +110,7 @@ def add_parser(sub) -> None:
     o = sub.add_parser("optimize", help="search the best plan under a FLOPs target; write "
                        "plan, report (and the ONNX package)")
     o.add_argument("model")
-    o.add_argument("--target-flops", type=_float_flag("--target-flops"), required=True,
+    o.add_argument("--target-flops", type=float_flag("--target-flops"), required=True,
                    help="prefill FLOPs of the result <= this fraction of the original's")
     o.add_argument("--target-size", type=_size_flag("--target-size"),
                    help="also keep weight bytes <= this: a ratio of the original's (0.5) or "
@@ -125,7 +125,7 @@ def add_parser(sub) -> None:
                    "builtin:synth-llava: builtin:synthvqa-test)")
     o.add_argument("--out", required=True)
     o.add_argument("--strategy", choices=("joint", "gsearch", "psigmoid"), default="joint")
-    o.add_argument("--trials", type=_positive("--trials"), default=40,
+    o.add_argument("--trials", type=positive("--trials"), default=40,
                    help="optuna trials (joint, psigmoid); a resumed run counts earlier ones")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--storage", help="optuna storage URL (default: sqlite in OUT); e.g. "
@@ -133,16 +133,16 @@ def add_parser(sub) -> None:
     o.add_argument("--study", help="study name (default: derived from the settings)")
     o.add_argument("--objective", choices=("auto", "accuracy", "agreement"), default="auto",
                    help="auto: accuracy when every calibration record has an answer")
-    o.add_argument("--tolerance", type=_float_flag("--tolerance"),
+    o.add_argument("--tolerance", type=float_flag("--tolerance"),
                    default=0.01,
                    help="gsearch: fidelity drop allowed at each layer (default 0.01)")
-    o.add_argument("--calib-limit", type=_positive("--calib-limit"))
-    o.add_argument("--search-samples", type=_positive("--search-samples"), default=256,
+    o.add_argument("--calib-limit", type=positive("--calib-limit"))
+    o.add_argument("--search-samples", type=positive("--search-samples"), default=256,
                    help="measure each trial on the first N calibration samples (default 256) "
                         "and re-rank the --finalists best on all of them")
-    o.add_argument("--finalists", type=_positive("--finalists"), default=8,
+    o.add_argument("--finalists", type=positive("--finalists"), default=8,
                    help="plans re-measured on the whole calibration set (default 8)")
-    o.add_argument("--eval-limit", type=_positive("--eval-limit"))
+    o.add_argument("--eval-limit", type=positive("--eval-limit"))
     o.add_argument("--no-emit", action="store_true", help="skip the ONNX package")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_optimize)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmopt import outdir
+from vlmopt.data.defaults import builtin_default
 from vlmopt.errors import VlmoptError
-from vlmopt.frontend.builtins import SYNTHVQA_MODELS
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("joint", "gsearch", "psigmoid")
@@ -64,12 +64,6 @@ class Options:
                 "search_samples": self.search_samples,
                 "strategy": self.strategy, "seed": self.seed, "objective": self.objective,
                 "tolerance": self.tolerance}
-
-
-def _default_data(model: str, data: str | None, split: str) -> str | None:
-    if data:
-        return data
-    return f"builtin:synthvqa-{split}" if model in SYNTHVQA_MODELS else None
 
 
 def study_name(opts: Options, fingerprint: str) -> str:
@@ -116,8 +110,8 @@ def optimize(opts: Options, progress: Callable | None = None,
     _check_flags(opts)
     path = resolve_model(opts.model)
     read_config(path)  # the family is known (or one error line) before anything else
-    opts.calib = _default_data(opts.model, opts.calib, "calib")
-    opts.eval = _default_data(opts.model, opts.eval, "test")
+    opts.calib = builtin_default(opts.model, opts.calib, "calib")
+    opts.eval = builtin_default(opts.model, opts.eval, "test")
     if opts.calib is None:
         raise VlmoptError(f"--calib is required for model {opts.model}")
     fp = fingerprint(path)

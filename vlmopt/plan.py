@@ -32,7 +32,7 @@ class Plan:
     source: str | None = field(default=None, compare=False)  # the file it came from, for errors
 
     def to_json(self) -> dict:
-        from vlmopt import __version__
+        from vlmopt.version import __version__
 
         return {
             "schema": SCHEMA,
