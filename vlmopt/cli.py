@@ -435,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_optimize(sub)
 
+    from vlmopt.cli_show import add_parser as add_show
+
+    add_show(sub)
+
     a = sub.add_parser("apply", help="apply a plan.json to a model")
     a.add_argument("plan")
     a.add_argument("model")

@@ -318,6 +318,10 @@ def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
     from vlmopt.compare import prefill_latency
 
     lat = prefill_latency({"original": evaluator.base, "chosen": chosen}, evaluator.batches[0])
+    say("drawing the kept visual tokens")
+    from vlmopt.visualize import report_overlays
+
+    kept, kept_files = report_overlays(lm, rows, chosen, final.build, calib)
     result = {
         "model": lm.name, "fingerprint": lm.fingerprint, "target": opts.target,
         "target_size": size,
@@ -332,11 +336,12 @@ def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
         "layer_contribution": lc, "freeze_order": order, "compression": compression,
         "trials": [r.to_json() for r in ctx.records], "trial_counts": ctx.counts(),
         "methods": rows,
-        "latency_s": lat, "latency_ratio": lat["chosen"] / lat["original"],
+        "latency_s": lat, "latency_ratio": lat["chosen"] / lat["original"], "kept": kept,
         "search_seconds": t_search, "search_evaluations": n_search,
         "evaluations": evaluator.n_evaluated + (final.n_evaluated if rerank else 0),
     }
-    _publish(od, opts, lm, chosen, plan, result, calib, say)
+    _publish(od, opts, lm, chosen, plan, result, calib, say, kept_files,
+             (evaluator.base, evaluator.batches[0]))
     result["seconds"] = time.perf_counter() - t_start
     return result
 
@@ -373,7 +378,7 @@ def _compression(gm) -> dict:
 
 
 def _publish(od: outdir.OutDir, opts: Options, lm, chosen, plan, result: dict, calib,
-             say) -> None:
+             say, kept_files: dict | None = None, timing: tuple | None = None) -> None:
     """Write every output into OUT's staging directory, then publish them (vlmopt.outdir). A
     full or read-only disk is one error line; the staged part goes, the study stays."""
     import errno
@@ -397,6 +402,17 @@ def _publish(od: outdir.OutDir, opts: Options, lm, chosen, plan, result: dict, c
                     p.rename(tmp / p.name)
                 (tmp / "artifact").rmdir()
                 result["artifact"] = {"graphs": list(manifest.get("graphs", {}))}
+                if timing is not None:
+                    say("measuring prefill latency on ONNX Runtime")
+                    from vlmopt.ort_latency import prefill_latency
+
+                    ort = prefill_latency(tmp, timing[0], chosen, timing[1])
+                    result["latency_ort_s"] = ort
+                    result["latency_ratio_ort"] = ort["chosen"] / ort["original"]
+        if kept_files:
+            (tmp / "kept").mkdir()
+            for name, data in kept_files.items():
+                (tmp / "kept" / name).write_bytes(data)
         say("writing the report")
         report.write(result, tmp)
         od.commit()

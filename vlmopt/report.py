@@ -173,7 +173,7 @@ def markdown(r: dict) -> str:
              f"{r['eval']} ({r['n_eval']}).", "",
              f"Chosen plan: LLM FLOPs ratio {r['chosen']['ratio_llm']:.3f}, total "
              f"{r['chosen']['ratio_total']:.3f}, measured prefill latency ratio "
-             f"{r['latency_ratio']:.3f}.", "", trials_line(r), "", *reranking(r),
+             f"{latency_line(r)}.", "", trials_line(r), "", *reranking(r),
              "| method | LLM FLOPs | total FLOPs | calib fidelity | held-out accuracy |",
              "| --- | --- | --- | --- | --- |"]
     for m in r["methods"]:
@@ -189,7 +189,42 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['name']} | {row['visual']} | {'yes' if row['frozen'] else ''} | "
                      f"{row['lc']:.5f} | {row['qk']} | {row['bits']} | {row['w0']:.1f} -> "
                      f"{row['w1']:.1f} |")
+    lines += kept_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def latency_line(r: dict) -> str:
+    """The measured prefill latency ratios: PyTorch, and ONNX Runtime when there is an
+    artifact."""
+    text = f"{r['latency_ratio']:.3f} (PyTorch)"
+    if r.get("latency_ratio_ort") is not None:
+        text += f", {r['latency_ratio_ort']:.3f} (ONNX Runtime, the artifact)"
+    return text
+
+
+def kept_lines(r: dict) -> list[str]:
+    """report.md's list of the kept-token drawings in OUT/kept/."""
+    plans = (r.get("kept") or {}).get("plans") or {}
+    if not plans:
+        return []
+    lines = ["", "Visual tokens kept at each stage (kept/):", ""]
+    for p in plans.values():
+        lines.append(f"- {p['title']}: " + ", ".join(f"kept/{f}" for f in p["files"]))
+    return lines
+
+
+def kept_images(r: dict, out: Path) -> list[dict]:
+    """Per drawn calibration image: its prompt and each plan's PNG (base64) from OUT/kept/."""
+    kept = r.get("kept") or {}
+    plans = kept.get("plans") or {}
+    rows = []
+    for i, im in enumerate(kept.get("images", [])):
+        rows.append({"prompt": im["prompt"], "image": Path(im["image"]).name,
+                     "plans": [{"title": p["title"], "file": p["files"][i],
+                                "png": base64.b64encode((out / "kept" / p["files"][i])
+                                                        .read_bytes()).decode()}
+                               for p in plans.values()]})
+    return rows
 
 
 def write(r: dict, out: Path) -> None:
@@ -202,5 +237,5 @@ def write(r: dict, out: Path) -> None:
     html = env.from_string(_TEMPLATE.read_text()).render(
         r=r, plots=plots(r), layers=layer_rows(r), ours=ours, orig=methods["original"],
         fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2), label=plan_label,
-        trials_line=trials_line(r))
+        trials_line=trials_line(r), kept=kept_images(r, out))
     (out / "report.html").write_text(html)
