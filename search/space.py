@@ -171,22 +171,10 @@ class Space:
         key = plan_hash(steps)
         if key in self._ratios:
             return self._ratios[key]
-        gm = self._build(steps)
-        tot = llm = base_tot = base_llm = 0
-        for size, n in self.sizes.items():  # summed over the calibration images
-            f = api.flops(self.lm, gm, n_text=self.n_text, image_size=size)
-            shapes = self.shapes if size is None else cost.ModelShapes.from_config(
-                self.lm.config, grids=api.image_grids(self.lm, size))
-            fixed = cost.vision_flops(shapes)  # what no token pass reduces
-            n_in = gm.meta["vlmopt"].get("n_visual_project") or shapes.n_visual
-            tot += n * f["total"]
-            base_tot += n * f["original_total"]
-            llm += n * (f["total"] - fixed - cost.projector_flops(shapes, n_in))
-            base_llm += n * (f["original_total"] - fixed
-                             - cost.projector_flops(shapes, shapes.n_visual))
-        out = {"total": tot / sum(self.sizes.values()), "llm": llm / sum(self.sizes.values()),
-               "ratio_total": tot / base_tot,
-               "ratio_llm": llm / base_llm, "per_node": f["per_node"],
+        f = api.flops_over(self.lm, self._build(steps), n_text=self.n_text,
+                           image_sizes=self.sizes)  # summed over the calibration images
+        out = {"total": f["total"], "llm": f["llm"], "ratio_total": f["ratio"],
+               "ratio_llm": f["llm_ratio"], "per_node": f["per_node"],
                "visual_tokens_per_layer": f["visual_tokens_per_layer"],
                "weight_bytes": f["weight_bytes_total"],
                "weight_bytes_per_node": f["weight_bytes_per_node"],

@@ -29,7 +29,9 @@ def test_optimize_writes_plan_and_report_within_the_flops_target(finished):
     r = json.loads((finished / "report.json").read_text())
     assert r["chosen"]["ratio_llm"] <= 0.4
     plan = json.loads((finished / "plan.json").read_text())
-    assert plan["target"] == {"flops": 0.4, "scope": "llm"}
+    assert plan["target"] == {"flops": 0.4, "scope": "llm", "prompt_tokens": r["n_text"],
+                              "achieved": {"llm": r["chosen"]["ratio_llm"],
+                                           "total": r["chosen"]["ratio_total"]}}
     assert plan["provenance"]["search"] == "joint"
     for t in r["trials"]:  # nothing over the target was ever evaluated
         assert t["metrics"] is None or t["ratio_llm"] <= 0.4 + 1e-12
@@ -56,6 +58,27 @@ def test_the_plan_reapplies_to_the_same_flops(finished, tiny_llava):
     assert full["ratio"] == pytest.approx(r["chosen"]["ratio_total"])
     assert sp.flops([tuple(s) for s in r["chosen"]["steps"]])["ratio_llm"] == \
         pytest.approx(r["chosen"]["ratio_llm"])
+
+
+def test_flops_on_the_plan_reproduces_the_ratio_optimize_reported(finished, tiny_llava, capsys):
+    r = json.loads((finished / "report.json").read_text())
+    capsys.readouterr()
+    assert main(["flops", str(tiny_llava), "--plan", str(finished / "plan.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["prompt_tokens_from"] == "the plan's calibration prompts"
+    assert res["n_text"] == r["n_text"]
+    assert res["llm_ratio"] == pytest.approx(r["chosen"]["ratio_llm"], rel=1e-12)
+    assert res["ratio"] == pytest.approx(r["chosen"]["ratio_total"], rel=1e-12)
+    # at another prompt length the same plan costs another share: the default is not a guess
+    assert main(["flops", str(tiny_llava), "--plan", str(finished / "plan.json"), "--json",
+                 "--prompt-tokens", str(r["n_text"] + 200)]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["prompt_tokens_from"] == "--prompt-tokens"
+    assert other["llm_ratio"] != pytest.approx(res["llm_ratio"], rel=1e-6)
+    assert main(["flops", str(tiny_llava), "--plan", str(finished / "plan.json")]) == 0
+    text = capsys.readouterr().out
+    assert f"LLM prefill FLOPs ratio {r['chosen']['ratio_llm']:.4f}" in text
+    assert "optimize reported LLM" in text
 
 
 def test_report_html_is_self_contained_with_plots_and_tables(finished):

@@ -138,6 +138,13 @@ def test_optimize_with_four_trials_meets_the_target_and_exports(capsys, qwen_dir
     assert plan["passes"]  # 0.5 is out of reach without a rewrite
     assert all(isinstance(v, float) or v == 0 for v in budgets)  # counts follow the image
     assert report["chosen"]["ratio_llm"] <= 0.5 + 1e-9
+    sizes = plan["target"]["image_sizes"]  # the calibration images' sizes, with their counts
+    assert len(sizes) >= 2 and sum(n for *_, n in sizes) == report["n_calib"]
+    capsys.readouterr()
+    assert main(["flops", str(model), "--plan", str(out / "plan.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["llm_ratio"] == pytest.approx(report["chosen"]["ratio_llm"], rel=1e-12)
+    assert res["ratio"] == pytest.approx(report["chosen"]["ratio_total"], rel=1e-12)
     assert json.loads((out / "manifest.json").read_text())["parity"]["max_abs_logit_diff"] \
         <= 1e-4
 
@@ -147,13 +154,13 @@ def test_compare_runs_the_method_table_with_fraction_budgets(capsys, qwen_dir):
     out = _json_out(capsys, ["compare", str(model), "--data", str(data), "--calib", str(data),
                              "--json"])
     rows = {r["method"]: r for r in out["methods"]}
-    assert rows["original"]["flops_ratio"] == 1.0 and rows["original"]["agreement"] == 1.0
+    assert rows["original"]["ratio_total"] == 1.0 and rows["original"]["agreement"] == 1.0
     assert {"FastV K=2 R=50%", "PyramidDrop", "DivPrune 11%", "random 33%"} <= set(rows)
     assert not any(m.startswith("pooling") for m in rows)  # no fixed grid
     # its score recomputes the last ViT block's attention over all patches: on this tiny LLM
-    # that costs more than the dropped tokens save (flops_ratio > 1), so only its presence
+    # that costs more than the dropped tokens save (ratio_total > 1), so only its presence
     assert "VisionZip 11% (received attention, dominant only)" in rows
-    assert rows["DivPrune 11%"]["flops_ratio"] < rows["DivPrune 33%"]["flops_ratio"] < 1
+    assert rows["DivPrune 11%"]["ratio_total"] < rows["DivPrune 33%"]["ratio_total"] < 1
 
 
 def test_whitened_lowrank_and_quantize_use_calibration_images_of_two_sizes(qwen_dir):

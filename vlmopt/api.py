@@ -125,12 +125,19 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     kv_len = [s.n_tokens for s in specs]
     wbytes = _weight_bytes(shapes, gm, specs)
     vision = opt["vision"] + opt["project"]
+    # LLM FLOPs: all but the original tower and the projector (at the count it projects), so a
+    # scorer a method adds (VisionZip's CLS attention, DivPrune's distances) counts against it
+    fixed = cost.vision_flops(shapes)
+    llm = opt["total"] - fixed - cost.projector_flops(shapes, n_in or shapes.n_visual)
+    base_llm = base["total"] - fixed - cost.projector_flops(shapes, shapes.n_visual)
     return {
         "n_text": n_text,
         "n_visual": shapes.n_visual,
         "image_grids": [list(g) for g in shapes.grids],
         "vision_share": vision / opt["total"],
-        "llm_ratio": (opt["total"] - vision) / (base["total"] - base["vision"] - base["project"]),
+        "llm": llm,
+        "original_llm": base_llm,
+        "llm_ratio": llm / base_llm,
         "per_node": opt,
         "total": opt["total"],
         "original_total": base["total"],
@@ -142,6 +149,27 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
         "weight_bytes_total": wbytes["total"],
         "original_weight_bytes_total": cost.weight_bytes(shapes)["total"],
     }
+
+
+def flops_over(lm: LoadedModel, graph: fx.GraphModule | None = None, *, n_text: int,
+               image_sizes: dict | None = None) -> dict:
+    """Prefill FLOPs of ``graph`` at ``n_text`` text tokens, summed over ``image_sizes``
+    (``{(height, width): images}``; None: the model's own size): the one definition of the LLM
+    and total ratios that ``optimize``'s target, ``compare``, the report and ``vlmopt flops
+    --plan`` share. LLM = everything but the vision tower and projector; total = all of it.
+    Per-node figures are those of the last size."""
+    sizes = dict(image_sizes or {None: 1})
+    acc = dict.fromkeys(("total", "original_total", "llm", "original_llm"), 0.0)
+    for size, n in sizes.items():
+        f = flops(lm, graph, n_text=n_text, image_size=size)
+        for k in acc:
+            acc[k] += n * f[k]
+    images = sum(sizes.values())
+    return {**f, "n_text": n_text, "image_sizes": [[*k, n] for k, n in sizes.items() if k],
+            "total": acc["total"] / images, "original_total": acc["original_total"] / images,
+            "llm": acc["llm"] / images, "original_llm": acc["original_llm"] / images,
+            "ratio": acc["total"] / acc["original_total"],
+            "llm_ratio": acc["llm"] / acc["original_llm"]}
 
 
 def evaluate(lm: LoadedModel, data, *, graph: fx.GraphModule | None = None,

@@ -20,6 +20,7 @@ from vlmopt.data.defaults import builtin_default, default_data
 from vlmopt.errors import VlmoptError
 
 log = logging.getLogger("vlmopt")
+DEFAULT_PROMPT_TOKENS = 32  # = vlmopt.api.DEFAULT_TEXT_TOKENS (the CLI does not import torch)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -114,20 +115,31 @@ def _load_for_cost(model: str):
 
 
 def cmd_flops(args) -> int:
-    from vlmopt.api import apply_plan, flops
+    from vlmopt.api import apply_plan, flops_over
     from vlmopt.frontend.load import resolve_model
-    from vlmopt.plan import Plan
+    from vlmopt.plan import Plan, plan_basis
 
     resolve_model(args.model)  # NOTE: the model's errors come before the plan's
     plan = Plan.load(args.plan) if args.plan else None
+    basis = (plan.target or {}) if plan else {}
+    # at the plan's own place by default: its calibration prompts' length and image sizes
+    plan_tokens, plan_sizes = plan_basis(basis, str(args.plan))
+    n_text = next(n for n in (args.prompt_tokens, plan_tokens, DEFAULT_PROMPT_TOKENS)
+                  if n is not None)
+    sizes = {tuple(args.image_size): 1} if args.image_size else plan_sizes
     lm = _load_for_cost(args.model)
     graph = apply_plan(lm, plan, verify=True) if plan else None
     try:
-        res = flops(lm, graph, n_text=args.prompt_tokens, image_size=args.image_size)
+        res = flops_over(lm, graph, n_text=n_text, image_sizes=sizes)
     except ValueError as e:
         raise VlmoptError(f"--image-size: {e}") from None
+    at = ("--prompt-tokens" if args.prompt_tokens is not None else
+          "the plan's calibration prompts" if plan_tokens is not None else "the default")
+    achieved = basis.get("achieved") if at == "the plan's calibration prompts" and (
+        not args.image_size) else None
     if args.json:
-        print(json.dumps({"model": args.model, "plan": args.plan, **res}, indent=2))
+        print(json.dumps({"model": args.model, "plan": args.plan, "prompt_tokens_from": at,
+                          "optimize_reported": achieved, **res}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -146,9 +158,18 @@ def cmd_flops(args) -> int:
         nv = str(vis[int(k.split("_")[1])]) if k.startswith("layer_") else ""
         t.add_row(k, nv, f"{v / 1e9:,.3f}", f"{v / res['total']:.1%}")
     Console().print(t)
+    n_img = sum(n for *_, n in res["image_sizes"])
+    if n_img > 1:
+        print(f"per-node figures at the last image size; totals and ratios averaged over {n_img} "
+              f"calibration images ({len(res['image_sizes'])} sizes)")
+    print(f"LLM prefill FLOPs ratio {res['llm_ratio']:.4f}  total prefill FLOPs ratio "
+          f"{res['ratio']:.4f}  at {n_text} text tokens ({at})"
+          + (f"; optimize reported LLM {achieved['llm']:.4f}, total {achieved['total']:.4f}"
+             if achieved else ""))
     print(f"total {res['total'] / 1e12:.4f} TFLOPs  original {res['original_total'] / 1e12:.4f} "
-          f"TFLOPs  ratio {res['ratio']:.4f}  LLM ratio {res['llm_ratio']:.4f}  vision tower "
-          f"(+ projector) share {res['vision_share']:.1%}")
+          f"TFLOPs  LLM {res['llm'] / 1e12:.4f} TFLOPs  original "
+          f"{res['original_llm'] / 1e12:.4f} TFLOPs  vision tower (+ projector) share "
+          f"{res['vision_share']:.1%}")
     print(f"decode {res['decode_flops_per_token'] / 1e9:.3f} GFLOPs/token  KV cache "
           f"{sum(res['kv_cache_bytes_per_layer']) / 2**20:.2f} MiB")
     print(f"weights {res['weight_bytes_total'] / 2**20:.2f} MiB  original "
@@ -223,13 +244,16 @@ def cmd_compare(args) -> int:
     from rich.table import Table
 
     t = Table(title=f"{args.model} on {data} ({len(records)} questions)")
-    for c in ("method", "accuracy", "agreement", "KL", "FLOPs ratio", "latency ratio"):
+    for c in ("method", "accuracy", "agreement", "KL", "LLM FLOPs", "total FLOPs",
+              "latency ratio"):
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         t.add_row(r["method"], acc, f"{r['agreement']:.3f}", f"{r['kl']:.4f}",
-                  f"{r['flops_ratio']:.3f}", f"{r['latency_ratio']:.3f}")
+                  f"{r['ratio_llm']:.3f}", f"{r['ratio_total']:.3f}", f"{r['latency_ratio']:.3f}")
     Console().print(t)
+    print(f"FLOPs: prefill ratios to the original (LLM: all but the vision tower and projector) at "
+          f"{rows[0]['prompt_tokens']} text tokens, the prompts' mean")
     return 0
 
 
@@ -276,10 +300,10 @@ def _publish(tmp: Path, out: Path) -> None:
 def cmd_apply(args) -> int:
     import shutil
 
-    from vlmopt.api import apply_plan, flops
+    from vlmopt.api import apply_plan, flops_over
     from vlmopt.frontend.load import resolve_model
     from vlmopt.ir.capture import readable
-    from vlmopt.plan import Plan
+    from vlmopt.plan import Plan, plan_basis
 
     # NOTE: every input and OUT are checked before the model loads
     plan = Plan.load(args.plan)
@@ -296,9 +320,13 @@ def cmd_apply(args) -> int:
         gm = apply_plan(lm, plan, verify=True, dump_dir=args.dump_dir)
         plan.save(tmp / "plan.json")
         (tmp / "graph.txt").write_text(readable(gm))
-        cost = flops(lm, gm)
+        n_text, sizes = plan_basis(plan.target, str(args.plan))
+        cost = flops_over(lm, gm, n_text=DEFAULT_PROMPT_TOKENS if n_text is None else n_text,
+                          image_sizes=sizes)
         (tmp / "passes.json").write_text(json.dumps(
-            {"passes": gm.meta["vlmopt"]["report"], "flops_ratio": cost["ratio"]}, indent=2))
+            {"passes": gm.meta["vlmopt"]["report"], "ratio_llm": cost["llm_ratio"],
+             "ratio_total": cost["ratio"], "prompt_tokens": cost["n_text"],
+             "image_sizes": cost["image_sizes"]}, indent=2))
         manifest = None
         if not args.no_onnx:
             from vlmopt.emit import emit
@@ -403,8 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flops", help="analytic prefill/decode FLOPs per node, and the ratio")
     f.add_argument("model", help="checkpoint or config-only directory, or builtin:synth-llava")
     f.add_argument("--plan", help="plan.json to apply before counting")
-    f.add_argument("--prompt-tokens", type=nonneg("--prompt-tokens"), default=32,
-                   help="text (non-visual) prompt tokens per sample (default 32)")
+    f.add_argument("--prompt-tokens", type=nonneg("--prompt-tokens"),
+                   help="text (non-visual) prompt tokens per sample (default: the --plan's "
+                        f"calibration prompts, as optimize counted them; else "
+                        f"{DEFAULT_PROMPT_TOKENS})")
     f.add_argument("--image-size", type=image_size("--image-size"), metavar="WxH",
                    help="image size for dynamic-resolution models (Qwen-VL), sized by the "
                         "checkpoint's own image processor (default: 448x448)")

@@ -114,11 +114,12 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
     tok = lm.processor.tokenizer
     hits, agree, kls = defaultdict(list), defaultdict(list), defaultdict(list)
     per_type = defaultdict(lambda: defaultdict(list))
-    first = None
+    first, n_text = None, 0
     for chunk in record_batches(records, batch_size, lm.processor):
         batch = complete_inputs(inputs.encode(lm.processor, [r.prompt for r in chunk],
                                               [r.load_image() for r in chunk]))
         first = first or batch
+        n_text += int((batch["input_ids"] != lm.model.config.image_token_id).sum())
         ref = F.log_softmax(base(**batch).float(), -1)
         for name, g in graphs.items():
             logp = ref if g is base else F.log_softmax(g(**batch).float(), -1)
@@ -133,14 +134,15 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
         if progress:
             progress(len(chunk))
     lat = prefill_latency(graphs, first, latency_repeats)
-    n_text = int((~(first["input_ids"] == lm.model.config.image_token_id)).sum(-1)
-                 .float().mean())
-    size = None
-    if lm.adapter.fixed_n_visual() is None:  # FLOPs at the first image's size
+    # FLOPs as optimize counts them: at the prompts' mean text tokens, over the records' images
+    n_text = round(n_text / max(1, len(records)))
+    sizes = None
+    if lm.adapter.fixed_n_visual() is None:
+        from collections import Counter
+
         from vlmopt.evaluation import image_size
 
-        w, h = image_size(records[0])
-        size = (h, w)
+        sizes = {(h, w): n for (w, h), n in Counter(image_size(r) for r in records).items()}
     out = []
     for m in methods:
         g = graphs[m.name]
@@ -152,7 +154,7 @@ def compare(lm, records: list[Record], methods: list[Method], *, batch_size: int
             "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type[m.name].items())},
             "agreement": sum(agree[m.name]) / len(agree[m.name]),
             "kl": sum(kls[m.name]) / len(kls[m.name]),
-            "flops_ratio": api.flops(lm, g, n_text=n_text, image_size=size)["ratio"],
+            **_ratios(api.flops_over(lm, g, n_text=n_text, image_sizes=sizes)),
             "latency_ms": lat[m.name] * 1e3,
             "latency_ratio": lat[m.name] / lat["original" if "original" in lat else m.name],
         })
@@ -172,3 +174,7 @@ def prefill_latency(graphs: dict, batch: dict, repeats: int = 5) -> dict[str, fl
             g(**batch)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _ratios(f: dict) -> dict:
+    return {"ratio_llm": f["llm_ratio"], "ratio_total": f["ratio"], "prompt_tokens": f["n_text"]}

@@ -283,7 +283,8 @@ def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
     chosen = evaluator.build(best.steps, verify=True)
     plan = Plan(lm.name, lm.fingerprint, [(n, make_config(n, f)) for n, f in best.steps],
                 target={"flops": opts.target, "scope": opts.scope,
-                        **({"size": size} if size is not None else {})},
+                        **({"size": size} if size is not None else {}),
+                        **_cost_basis(space, best.steps)},
                 provenance={"search": opts.strategy, "seed": opts.seed,
                             "objective": "accuracy" if evaluator.labelled else "agreement",
                             "calib": opts.calib, "trials": len(ctx.records),
@@ -344,6 +345,16 @@ def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
              (evaluator.base, evaluator.batches[0]))
     result["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _cost_basis(space, steps) -> dict:
+    """Where the FLOPs target was met, recorded in the plan so that ``vlmopt flops --plan``
+    recounts at the same place: the calibration prompts' mean text tokens, the calibration image
+    sizes (dynamic resolution), and the LLM and total ratios reached there."""
+    f = space.flops(steps)
+    sizes = [[*k, n] for k, n in space.sizes.items() if k is not None]
+    return {"prompt_tokens": space.n_text, **({"image_sizes": sizes} if sizes else {}),
+            "achieved": {"llm": f["ratio_llm"], "total": f["ratio_total"]}}
 
 
 def _rerank(study, final, steps):

@@ -82,6 +82,7 @@ class Plan:
         target = obj.get("target")
         if target is not None and not isinstance(target, dict):
             raise PlanError(f"{where}: field 'target' must be an object or null")
+        plan_basis(target, where)
         prov = obj.get("provenance")
         if prov is not None and not isinstance(prov, dict):
             raise PlanError(f"{where}: field 'provenance' must be an object or null")
@@ -117,3 +118,22 @@ class Plan:
         if fingerprint != self.fingerprint:
             raise PlanError(f"{self.source or 'plan'}: made for model {self.model_name!r} "
                             f"(fingerprint {self.fingerprint}), not {name!r} ({fingerprint})")
+
+
+def plan_basis(target: dict | None, where: str = "plan") -> tuple[int | None, dict | None]:
+    """(prompt tokens, {(height, width): images}) at which ``optimize`` met a plan's FLOPs target,
+    as it recorded them in the plan's ``target`` (None, None for a plan written by hand)."""
+    t = target or {}
+    n = t.get("prompt_tokens")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise PlanError(f"{where}: field 'target.prompt_tokens' must be a non-negative integer")
+    sizes = t.get("image_sizes")
+    if sizes is None:
+        return n, None
+    ok = isinstance(sizes, list) and sizes and all(
+        isinstance(e, list) and len(e) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in e) for e in sizes)
+    if not ok:
+        raise PlanError(f"{where}: field 'target.image_sizes' must be a list of "
+                        f"[height, width, images] positive integers")
+    return n, {(h, w): c for h, w, c in sizes}
