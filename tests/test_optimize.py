@@ -81,6 +81,57 @@ def test_flops_on_the_plan_reproduces_the_ratio_optimize_reported(finished, tiny
     assert "optimize reported LLM" in text
 
 
+def test_optuna_dashboard_shows_each_trials_flops_and_fidelity(finished):
+    """The real optuna-dashboard server on OUT/study.db: its REST API (what its pages read) lists
+    the trials with the LLM and total FLOPs ratios and the fidelity as sortable user attributes,
+    equal to the report's trials."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = shutil.which("optuna-dashboard")
+    assert exe, "optuna-dashboard is in the dev extra (pyproject.toml)"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([exe, f"sqlite:///{finished / 'study.db'}", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return json.loads(r.read())
+
+        for _ in range(120):
+            try:
+                studies = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.5)
+        else:
+            raise AssertionError("optuna-dashboard did not answer within 60 s")
+        assert len(studies) == 1
+        study = get(f"/api/studies/{studies[0]['study_id']}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert study["objective_names"] == ["score (fidelity - 0.01 KL)"]
+    sortable = {a["key"] for a in study["union_user_attrs"] if a["sortable"]}
+    assert {"ratio_llm", "ratio_total", "fidelity", "kl", "agreement"} <= sortable
+    report = {t["number"]: t for t in json.loads((finished / "report.json").read_text())["trials"]}
+    done = [t for t in study["trials"] if t["state"] == "Complete"]
+    assert done
+    for t in done:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        r = report[t["number"]]
+        assert float(attrs["ratio_llm"]) == pytest.approx(r["ratio_llm"], rel=1e-12)
+        assert float(attrs["ratio_total"]) == pytest.approx(r["ratio_total"], rel=1e-12)
+        assert float(attrs["fidelity"]) == pytest.approx(r["metrics"]["fidelity"], rel=1e-12)
+
+
 def test_report_html_is_self_contained_with_plots_and_tables(finished):
     html = (finished / "report.html").read_text()
     # three plots, and the kept-token drawings (tests/test_show.py checks those)
