@@ -188,6 +188,10 @@ def decision_margins(gm: fx.GraphModule, batch: dict) -> np.ndarray:
 
 def _export(module, args: tuple, kwargs: dict, dynamic_shapes, in_names, out_names,
             path: Path) -> None:
+    # NOTE: torch.while_loop (a greedy selection's ONNX Loop) is traced with dynamo, whose
+    # per-code caches outlive an export: a loop body traced for one graph's static shapes would
+    # be reused for the next graph's symbolic ones and specialize them. Each export starts clean.
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
