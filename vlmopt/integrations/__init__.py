@@ -1,0 +1,1 @@
+"""Bridges from vlmopt's models and artifacts to other tools' harnesses (``lmms_eval``)."""
