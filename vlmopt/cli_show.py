@@ -35,10 +35,10 @@ def add_parser(sub) -> None:
 def check_png_out(out: Path, force: bool) -> None:
     """Refuse, writing nothing, an --out that is not a new .png file beside a writable parent
     (an existing file only with --force)."""
-    if out.suffix.lower() != ".png":
-        raise VlmoptError(f"--out {out}: give a file name ending in .png")
     if out.is_dir():
         raise VlmoptError(f"--out {out}: is a directory; give a file name")
+    if out.suffix.lower() != ".png":
+        raise VlmoptError(f"--out {out}: give a file name ending in .png")
     if (out.exists() or out.is_symlink()) and not force:
         raise VlmoptError(f"--out {out}: exists (nothing overwritten; --force replaces it)")
     parent = out.absolute().parent
