@@ -8,7 +8,11 @@ Common: ``image_at=start|end`` (where the image goes in a prompt that has no ``<
 default ``start``, LLaVA's convention; a prompt with ``<image>`` is used as it is) and
 ``max_new_tokens`` (when the task gives none; default 16). Decoding is greedy, one image per
 request; ``--batch_size N`` batches requests of the same generation settings (one at a time
-on dynamic-resolution models).
+on dynamic-resolution models). ``loglikelihood`` returns (mean negative log-likelihood per
+continuation token, whether greedy decoding gives it), as lmms-eval's own models do. NOTE:
+lmms-eval 0.7.3's evaluator turns loglikelihood results into strings
+(``unwrap_generation_output``), so its loglikelihood and multiple_choice tasks fail there
+whatever the model; the method itself is correct and tested.
 """
 
 from __future__ import annotations
