@@ -50,7 +50,7 @@ class Candidate:
         cur = n_visual
         if self.counts[0] < n_visual:
             method = self.select if self.select != "none" else (
-                "random" if fractions else "visionzip")
+                "divprune" if fractions else "visionzip")  # Space.default_select
             fields = {"method": method, "keep": budget(self.counts[0], n_visual)}
             if method == "visionzip":
                 fields["contextual"] = visionzip_contextual(self.counts[0])
@@ -153,11 +153,10 @@ class Space:
         self.shapes = cost.ModelShapes.from_config(cfg, grids=api.image_grids(lm, ref))
         self.n_visual = self.shapes.n_visual
         # Dynamic resolution: VisionZip ranks by CLS attention, which CLS-free towers lack, and
-        # DivPrune's greedy loop runs once per kept token, a count that follows the image, which
-        # the export cannot unroll yet; the search keeps to exportable cuts (drops inside the
-        # LLM, ShortV), a seeded-hash selection where layer 0 itself must shrink
-        self.default_select = "random" if self.dynamic else "visionzip"
-        self.select_methods = ("none",) if self.dynamic else SEARCH_SELECT
+        # pooling needs a fixed grid; DivPrune's greedy loop, whose length follows the image,
+        # exports as one ONNX Loop with its count computed in the graph (ir.select.greedy_loop)
+        self.default_select = "divprune" if self.dynamic else "visionzip"
+        self.select_methods = ("none", "divprune") if self.dynamic else SEARCH_SELECT
         self._ratios: dict[str, dict] = {}
         self.base = self.flops([])
 

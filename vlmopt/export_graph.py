@@ -17,7 +17,8 @@ position ids, so the next position is the last prompt position + 1 in every laye
 
 Dynamic-resolution families (Qwen-VL) export at batch 1: the vision node runs its export form
 (vlmopt.export_vision, layout tensors as inputs), and the visual-token count of each token change
-is derived from the patch count (a shape), so fraction budgets stay symbolic in the graph.
+is derived from the patch count (a shape), so fraction budgets stay symbolic in the graph (a
+greedy selection's loop runs that many picks: vlmopt.ir.select.greedy_loop).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import fx, nn
 from vlmopt.errors import VlmoptError
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.frozen import FrozenDecoder
+from vlmopt.ir.select import DiversityScore
 from vlmopt.ir.tokens import KeepTopK, _rotary_fn, keep_count, qk_heads
 
 
@@ -140,15 +142,10 @@ class PrefillForm(nn.Module):
             from vlmopt.ir.received import QwenVisionReceived
 
             for n in self._nodes:
-                mod = gm.get_submodule(n.target) if n.op == "call_module" else None
                 if _block(n) == "vision":
+                    mod = gm.get_submodule(n.target)
                     self.vision = QwenVisionExport(mod.tower, mod.n_deepstack,
                                                    received=isinstance(mod, QwenVisionReceived))
-                elif mod is not None and hasattr(mod, "decision_margin"):
-                    raise VlmoptError(f"emit: node {n.name!r}: a greedy selection's loop length "
-                                      "follows the image size on this model; it is not "
-                                      "exportable yet (use drop_tokens, random selection or "
-                                      "freeze_visual)")
             self.unit = self.vision.unit
 
     def forward(self, input_ids, pixel_values, attention_mask, position_ids, vision_pos=None,
@@ -185,13 +182,14 @@ class PrefillForm(nn.Module):
                     env[n] = None
                 elif blk == "vision" and self.vision is not None:
                     env[n] = self.vision(pixel_values, **layout)
-                elif self.dynamic and isinstance(mod, KeepTopK):
+                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore)):
                     mod.n_visual = n_cur  # the symbolic count, for this call only
                     try:
                         env[n] = mod(*val(n.args))
                     finally:
                         mod.n_visual = None
-                    n_cur = keep_count(mod.keep, n_cur)
+                    if isinstance(mod, KeepTopK):
+                        n_cur = keep_count(mod.keep, n_cur)
                 elif blk == "decoder":
                     hidden, _, rope, _, visual, amask = val(n.args)[:6]
                     layer = mod.layer

@@ -143,7 +143,16 @@ class DiversityScore(nn.Module):
     start "mean" (ToDRE's k-center stage): the token closest to the mean embedding.
     Then ``keep - 1`` times add argmax_j min_{i in S} dist[i, j] over tokens not yet chosen.
     Returns per-slot scores [B, T]: 1 on chosen visual slots.
+
+    Exported, the picks are one ``torch.while_loop`` (an ONNX ``Loop`` whose trip count is
+    computed in the graph): the graph's size does not grow with ``keep``, and a count derived
+    from the image's patch count (dynamic resolution) exports too. Eager PyTorch runs the same
+    step in a Python loop.
     """
+
+    # True: trace the Python loop instead, one ArgMax/ScatterElements group per pick (the
+    # construction before the Loop; examples/bench_select_export.py compares the two)
+    unroll_export = False
 
     def __init__(self, n_visual: int | None, keep: int | float, start: str):
         super().__init__()
@@ -190,12 +199,39 @@ class DiversityScore(nn.Module):
         if keep:
             chosen = chosen.scatter(1, first[:, None], True)
         mind = rows
-        for _ in range(keep - 1):  # NOTE: sequential by nature; static count
-            # chosen tokens are excluded explicitly so exact duplicates cannot be picked twice
-            j = pick(mind.masked_fill(chosen, float("-inf")))
-            chosen = chosen.scatter(1, j[:, None], True)
-            mind = torch.minimum(mind, dist.gather(1, j[:, None, None].expand(B, 1, Nv))[:, 0])
+        if torch.compiler.is_exporting() and not (margins or self.unroll_export):
+            return greedy_loop(chosen, mind, dist, keep - 1)[0], gap
+        for _ in range(keep - 1):  # NOTE: sequential by nature
+            chosen, mind = greedy_step(chosen, mind, dist, pick)
         return chosen, gap
+
+
+def greedy_step(chosen: torch.Tensor, mind: torch.Tensor, dist: torch.Tensor, pick=None):
+    """One max-min pick: chosen [B, Nv] bool, mind [B, Nv] (each token's distance to the chosen
+    set), dist [B, Nv, Nv] -> (chosen, mind) with argmax_j mind[j] over unchosen j added."""
+    B, Nv = mind.shape
+    # chosen tokens are excluded explicitly so exact duplicates cannot be picked twice
+    score = mind.masked_fill(chosen, float("-inf"))
+    j = score.argmax(-1) if pick is None else pick(score)  # [B]
+    chosen = chosen.scatter(1, j[:, None], True)
+    mind = torch.minimum(mind, dist.gather(1, j[:, None, None].expand(B, 1, Nv))[:, 0])
+    return chosen, mind
+
+
+def greedy_loop(chosen: torch.Tensor, mind: torch.Tensor, dist: torch.Tensor, n):
+    """``n`` (an int, or a SymInt from a shape) greedy picks as one ``torch.while_loop``: the
+    ONNX exporter lowers it to a ``Loop`` whose body is one ``greedy_step``."""
+    stop = torch.full((), n, dtype=torch.int64, device=mind.device)  # [] trip count
+
+    def cond(i, chosen, mind):
+        return i < stop
+
+    def body(i, chosen, mind):
+        return (i + 1, *greedy_step(chosen, mind, dist))
+
+    i0 = torch.zeros((), dtype=torch.int64, device=mind.device)
+    _, chosen, mind = torch.while_loop(cond, body, (i0, chosen, mind))
+    return chosen, mind
 
 
 def pool_slots(side: int, g: int) -> list[int]:
