@@ -3,6 +3,7 @@ after a kill, the report, and bad input."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -79,6 +80,14 @@ def test_flops_on_the_plan_reproduces_the_ratio_optimize_reported(finished, tiny
     text = capsys.readouterr().out
     assert f"LLM prefill FLOPs ratio {r['chosen']['ratio_llm']:.4f}" in text
     assert "optimize reported LLM" in text
+
+
+def test_report_says_where_flops_were_counted(finished):
+    r = json.loads((finished / "report.json").read_text())
+    for name in ("report.md", "report.html"):
+        text = html.unescape((finished / name).read_text())
+        assert f"at {r['n_text']} text tokens (the calibration prompts' mean)" in text, name
+        assert "--plan plan.json" in text, name
 
 
 def test_optuna_dashboard_shows_each_trials_flops_and_fidelity(finished):

@@ -120,6 +120,17 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def flops_basis(r: dict) -> str:
+    """Where every FLOPs ratio of the report was counted, in the words ``vlmopt flops`` uses."""
+    sizes = (r.get("plan", {}).get("target") or {}).get("image_sizes") or []
+    over = (f", summed over the {sum(n for *_, n in sizes)} calibration images ({len(sizes)} "
+            f"sizes)" if sizes else "")
+    return (f"FLOPs are analytic prefill FLOPs at {r['n_text']} text tokens (the calibration "
+            f"prompts' mean){over}: LLM = all but the vision tower and projector (a method's "
+            f"scorer counts), total = all of it. `vlmopt flops {r['model']} --plan plan.json` "
+            f"recounts there.")
+
+
 def trials_line(r: dict) -> str:
     """How many trials the study holds, by outcome and by worker (a shared study's workers all
     rank the whole study)."""
@@ -173,7 +184,7 @@ def markdown(r: dict) -> str:
              f"{r['eval']} ({r['n_eval']}).", "",
              f"Chosen plan: LLM FLOPs ratio {r['chosen']['ratio_llm']:.3f}, total "
              f"{r['chosen']['ratio_total']:.3f}, measured prefill latency ratio "
-             f"{latency_line(r)}.", "", trials_line(r), "", *reranking(r),
+             f"{latency_line(r)}.", "", flops_basis(r), "", trials_line(r), "", *reranking(r),
              "| method | LLM FLOPs | total FLOPs | calib fidelity | held-out accuracy |",
              "| --- | --- | --- | --- | --- |"]
     for m in r["methods"]:
@@ -237,5 +248,6 @@ def write(r: dict, out: Path) -> None:
     html = env.from_string(_TEMPLATE.read_text()).render(
         r=r, plots=plots(r), layers=layer_rows(r), ours=ours, orig=methods["original"],
         fmt=_fmt, plan_json=json.dumps(r["plan"], indent=2), label=plan_label,
+        flops_basis=flops_basis(r),
         trials_line=trials_line(r), kept=kept_images(r, out))
     (out / "report.html").write_text(html)
