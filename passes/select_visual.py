@@ -28,6 +28,11 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
   pool: LLaVolta-style g x g adaptive average pooling of the embedding grid (keep = g * g);
       each pooled token sits in the slot of the patch nearest its window's centre.
   random: a fixed hash of the original positions (the baseline; same as drop_tokens').
+  vispruner: VisPruner (Theia-4869/VisPruner at aefa01a; rule in vlmopt/ir/vispruner.py):
+      int(keep * important_ratio) patches by CLS attention of the feature layer's ViT layer,
+      the rest from the remaining patches by repeatedly dropping, in rounds of up to 8, the
+      even-position tokens most similar (cosine of the vision features) to an odd-position
+      one. PyTorch only (the loop grows with the tokens removed; export raises).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from vlmopt.ir.capture import decoder_nodes, node_by_block
 from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, set_visual_budget
 from vlmopt.passreg import PassResult, register_pass
 
-METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random")
+METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner")
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,16 @@ class Config:
     # "original": kept tokens keep their position ids (vlmopt's default); "contiguous": the
     # shortened sequence is numbered 0.. as the official DivPrune / VisionZip code does
     positions: str = "original"
+    # vispruner only: the share of ``keep`` chosen by CLS attention (the official default 0.5)
+    important_ratio: float = 0.5
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
         check_positions(self.positions)
+        r = self.important_ratio
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r <= 1:
+            raise ValueError(f"field 'important_ratio' must lie in [0, 1], got {r!r}")
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
@@ -110,6 +120,42 @@ def divprune(keep: int, positions: str = "contiguous") -> Config:
     positions are contiguous: the default here; ``"original"`` is vlmopt's
     variant."""
     return Config(method="divprune", keep=keep, positions=positions)
+
+
+def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contiguous"
+              ) -> Config:
+    """VisPruner keeping ``keep`` tokens, ``int(keep * important_ratio)`` of them by CLS
+    attention. Follows Theia-4869/VisPruner at aefa01a (llava/model/llava_arch.py,
+    ``encode_images`` and ``prepare_inputs_labels_for_multimodal``; important_ratio default
+    0.5 from llava/eval/model_vqa_loader.py): the pruned sequence is rebuilt with
+    ``position_ids=None``, so positions are contiguous: the default here; ``"original"`` is
+    vlmopt's variant."""
+    return Config(method="vispruner", keep=keep, positions=positions,
+                  important_ratio=important_ratio)
+
+
+def _vispruner_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
+    """Rewire the vision node to also return the CLS attention; returns the node of per-patch
+    kept flags [B, Nv] (vlmopt.ir.vispruner). The projector still reads the features."""
+    from vlmopt.ir.vispruner import VisPrunerSelect
+
+    vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
+    old = gm.get_submodule(vis.target)
+    try:
+        mod = select.VisionClsAttention(old.tower, old.feature_layer, old.drop_cls)
+    except ValueError as e:
+        raise ValueError(f"select_visual: node {vis.name!r}: VisPruner needs a CLS token whose "
+                         f"attention ranks the patches ({e})") from None
+    vis.target = add_module(gm, "vision_cls", mod)
+    vis.meta["vlmopt"]["select_op"] = "cls_attention"
+    name = add_module(gm, "vispruner", VisPrunerSelect(nv, config.keep, config.important_ratio))
+    g = gm.graph
+    with g.inserting_before(proj):
+        feats, cls, _ = _getitems(g, vis, 3)
+        kept = _tag(g.call_module(name, (feats, cls)), select_op="duplicates",
+                    n_residual=nv - int(config.keep * config.important_ratio))
+    proj.args = (feats,)
+    return kept
 
 
 def _tag(node: fx.Node, **info) -> fx.Node:
@@ -192,7 +238,13 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     patch_scores = None
     if config.method == "visionzip":
         patch_scores = _received_scores(gm) if nv is None else _visionzip_scores(gm, config, nv)
-    if config.method == "visionzip":
+    if config.method == "vispruner":
+        if nv is None:
+            raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a CLS "
+                             "vision tower with a fixed grid; this model has neither")
+        config = Config(**{**config.__dict__, "keep": keep})
+        patch_scores = _vispruner_scores(gm, config, nv)
+    if config.method in ("visionzip", "vispruner"):
         scorer = add_module(gm, "select_slots", select.SlotScores())
     elif config.method == "random":
         scorer = add_module(gm, "select_random", tokens.HashScore(config.seed))
@@ -206,7 +258,7 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
 
     def build(g, st):
         hidden = st.hidden
-        if config.method == "visionzip":
+        if config.method in ("visionzip", "vispruner"):
             s = _tag(g.call_module(scorer, (patch_scores, st.visual)), select_op="slots")
         elif config.method == "random":
             s = _tag(g.call_module(scorer, (st.pos,)), select_op="random")

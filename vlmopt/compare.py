@@ -36,8 +36,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
-    PyramidDrop, VisionZip and DivPrune come as their official code runs them (positions
-    renumbered) and as vlmopt's original-positions variant (``_both``).
+    PyramidDrop, VisionZip, DivPrune and VisPruner come as their official code runs them
+    (positions renumbered) and as vlmopt's original-positions variant (``_both``); VisPruner
+    is PyTorch-only (its duplicate-removal loop is not exportable yet).
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, and there is no pooling (no fixed grid)."""
@@ -62,6 +63,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
             ms += [*_both(f"VisionZip {pct}", "select_visual",
                           {"method": "visionzip", "keep": k, "contextual": ctx}),
                    *_both(f"DivPrune {pct}", "select_visual", {"method": "divprune", "keep": k}),
+                   *_both(f"VisPruner {pct}", "select_visual", {"method": "vispruner",
+                                                                 "keep": k}),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
                    Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
                    Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]
