@@ -134,20 +134,27 @@ def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contigu
                   important_ratio=important_ratio)
 
 
-def _vispruner_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
-    """Rewire the vision node to also return the CLS attention; returns the node of per-patch
-    kept flags [B, Nv] (vlmopt.ir.vispruner). The projector still reads the features."""
-    from vlmopt.ir.vispruner import VisPrunerSelect
-
+def _with_cls_attention(gm: fx.GraphModule, method: str, hint: str = ""):
+    """Make the vision node also return the CLS attention and head-mean keys of the layer that
+    feeds the projector (select.VisionClsAttention); returns (vision node, project node)."""
     vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
     old = gm.get_submodule(vis.target)
     try:
         mod = select.VisionClsAttention(old.tower, old.feature_layer, old.drop_cls)
     except ValueError as e:
-        raise ValueError(f"select_visual: node {vis.name!r}: VisPruner needs a CLS token whose "
-                         f"attention ranks the patches ({e})") from None
+        raise ValueError(f"select_visual: node {vis.name!r}: {method} needs a CLS token whose "
+                         f"attention ranks the patches ({e}){hint}") from None
     vis.target = add_module(gm, "vision_cls", mod)
     vis.meta["vlmopt"]["select_op"] = "cls_attention"
+    return vis, proj
+
+
+def _vispruner_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
+    """Rewire the vision node to also return the CLS attention; returns the node of per-patch
+    kept flags [B, Nv] (vlmopt.ir.vispruner). The projector still reads the features."""
+    from vlmopt.ir.vispruner import VisPrunerSelect
+
+    vis, proj = _with_cls_attention(gm, "VisPruner")
     name = add_module(gm, "vispruner", VisPrunerSelect(nv, config.keep, config.important_ratio))
     g = gm.graph
     with g.inserting_before(proj):
@@ -170,16 +177,8 @@ def _getitems(g: fx.Graph, node: fx.Node, n: int) -> list[fx.Node]:
 def _visionzip_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
     """Rewire vision -> project into vision(+CLS attention) -> contextual merge -> project;
     returns the node of per-patch kept scores [B, Nv]."""
-    vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
-    old = gm.get_submodule(vis.target)
-    try:
-        mod = select.VisionClsAttention(old.tower, old.feature_layer, old.drop_cls)
-    except ValueError as e:
-        raise ValueError(f"select_visual: node {vis.name!r}: VisionZip needs a CLS token whose "
-                         f"attention ranks the patches ({e}); the mean-received-attention "
-                         "variant for CLS-free towers is not supported yet") from None
-    vis.target = add_module(gm, "vision_cls", mod)
-    vis.meta["vlmopt"]["select_op"] = "cls_attention"
+    vis, proj = _with_cls_attention(gm, "VisionZip", "; the mean-received-attention variant "
+                                    "for CLS-free towers is not supported yet")
     merger = select.ContextualMerge(nv, config.keep - config.contextual, config.contextual)
     name = add_module(gm, "visionzip", merger)
     g = gm.graph
