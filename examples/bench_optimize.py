@@ -51,7 +51,8 @@ def _child(spec: dict, out: Path) -> int:
         wall = time.perf_counter() - t0
         parity = json.loads((opts.out / "manifest.json").read_text())["parity"] \
             if spec["emit"] else None
-    keep = ("methods", "n_eval", "n_calib", "n_search", "latency_ratio", "plan")
+    keep = ("methods", "n_eval", "n_calib", "n_search", "latency_ratio", "plan",
+            "stage_seconds")
     out.write_text(json.dumps({"r": {k: r.get(k) for k in keep}, "wall": wall,
                                "parity": parity}, default=str))
     return 0
@@ -122,7 +123,8 @@ def main() -> int:
                "parity": parity,
                "peak_rss_bytes": peak, "peak_rss_gb": round(peak / 1e9, 3),
                "peak_rss_source": RSS_SOURCE, "rss_goal_bytes": RSS_GOAL_BYTES,
-               "rss_goal_met": peak < RSS_GOAL_BYTES}
+               "rss_goal_met": peak < RSS_GOAL_BYTES,
+               "stage_seconds": r.get("stage_seconds") or {}}
         results.append(res)
         if not args.json:
             print(f"\ntarget {target} ({args.scope} FLOPs), {r['n_eval']} held-out questions, "
@@ -137,6 +139,8 @@ def main() -> int:
                       f"{m['ratio_total']:>12.3f}")
             for name in res["unreachable"]:
                 print(f"  {name:<{w}} cannot reach this target")
+            print("  seconds per step: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in res["stage_seconds"].items()))
             goal = GOALS.get(target)
             print(f"  accuracy / original = {res['relative']:.3f}"
                   + (f" (goal >= {goal}: {'met' if res['relative'] >= goal else 'NOT met'})"

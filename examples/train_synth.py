@@ -154,9 +154,19 @@ class Family:
                 self.cfg.text_config._attn_implementation = "eager"
         self.image_id, self.text_cfg = self.cfg.image_token_id, self.cfg.text_config
 
-    def build(self, init: Path | None, device):
-        model = (self.cls.from_pretrained(init, use_safetensors=True, **self.attn) if init
-                 else self.cls(self.cfg))
+    def build(self, init: Path | None, device, mrope_section: list[int] | None = None):
+        cfg = self.cfg
+        if init and mrope_section:
+            cfg = self.cls.config_class.from_pretrained(init)
+        if mrope_section:  # the M-RoPE frequency split of (t, h, w): read at rotary init
+            rope = cfg.text_config.rope_parameters
+            if sum(mrope_section) != sum(rope["mrope_section"]):
+                raise SystemExit(f"--mrope-section: must sum to {sum(rope['mrope_section'])} "
+                                 f"(head_dim / 2), got {mrope_section}")
+            rope["mrope_section"] = list(mrope_section)
+        extra = {"config": cfg} if init and mrope_section else {}
+        model = (self.cls.from_pretrained(init, use_safetensors=True, **self.attn, **extra)
+                 if init else self.cls(cfg))
         if self.name == "llava":  # (a): the ViT output the projector reads
             layer = self.cfg.vision_feature_layer
             model.model.vision_tower.register_forward_hook(
@@ -305,6 +315,10 @@ def parser() -> argparse.ArgumentParser:
     arg("--size-range", default="88,144", help="qwen: LO,HI px of resized training images")
     arg("--native-frac", type=float, default=0.5,
         help="qwen: fraction of training images kept at the native 112x112")
+    arg("--mrope-section", type=lambda v: [int(x) for x in v.split(",")],
+        help="qwen: T,H,W split of the decoder's rotary frequencies (default: the checkpoint's). "
+        "Sections are contiguous from the highest frequency, so width gets the lowest: at "
+        "4,6,6 a 14-token row spans < 0.05 rad and left/right cannot be read from positions")
     arg("--held-n", type=int, default=350, help="held-out monitor samples")
     arg("--test-n", type=int, default=synthvqa.SPLIT_SIZES["test"],
         help="test-split samples evaluated at the end (0: none)")
@@ -353,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fam = Family(args.family, attn_eager=bool(args.attn_weight))
-    model = fam.build(args.init, device)
+    if args.mrope_section and args.family != "qwen":
+        ap.error("--mrope-section: qwen only")
+    model = fam.build(args.init, device, args.mrope_section)
     model.train()
     stages = previous_stages(args.init)
     n_cls = (len(synthvqa.COLOURS) + 1, len(synthvqa.SHAPES) + 1, len(synthvqa.GLYPHS) + 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from vlmopt import api, cost
+from vlmopt import api
 from vlmopt.errors import VlmoptError
 
 SCOPES = ("llm", "total")
@@ -148,9 +148,10 @@ class Space:
             if image_sizes is None and evaluator is not None:
                 wh = Counter(image_size(r) for r in evaluator.records)
                 image_sizes = {(h, w): n for (w, h), n in wh.items()}
-            self.sizes = dict(image_sizes or {(cost.DEFAULT_IMAGE_PX,) * 2: 1})
+            self.sizes = dict(image_sizes or {
+                type(lm.adapter).reference_image_size(cfg): 1})
         ref = max(self.sizes, key=lambda k: self.sizes[k])
-        self.shapes = cost.ModelShapes.from_config(cfg, grids=api.image_grids(lm, ref))
+        self.shapes = lm.shapes(api.image_grids(lm, ref))
         self.n_visual = self.shapes.n_visual
         # Dynamic resolution: VisionZip ranks by CLS attention, which CLS-free towers lack, and
         # pooling needs a fixed grid; DivPrune's greedy loop, whose length follows the image,

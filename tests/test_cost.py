@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vlmopt import cost
+from vlmopt.frontend.load import model_shapes
 
 IMAGE_TOKEN = 5
 
@@ -81,7 +82,7 @@ TINY_CASES = {
 @pytest.mark.parametrize("case", list(TINY_CASES))
 def test_analytic_prefill_matches_flop_counter_per_node_on_tiny_llava(case):
     cfg = llava_config(**TINY_CASES[case])
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     measured = cost.measure_prefill_breakdown(random_llava(cfg), prompt(s, 7, IMAGE_TOKEN))
     analytic = cost.prefill_flops(s, cost.baseline_layers(s, 7))
     assert measured["other"] == 0, measured
@@ -93,7 +94,7 @@ def test_fake_tensor_measurement_equals_counting_a_real_forward():
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = llava_config(kv_heads=2)
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     model, batch = random_llava(cfg), prompt(s, 5, IMAGE_TOKEN)
     cost.register_sdpa_flop_formulas()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -105,7 +106,7 @@ def test_cpu_flash_sdpa_is_counted_like_the_math_backend():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = llava_config(kv_heads=2)
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     model, batch = random_llava(cfg), prompt(s, 5, IMAGE_TOKEN)
     default = cost.measure_prefill_flops(model, batch)
     with sdpa_kernel(SDPBackend.MATH):
@@ -115,7 +116,7 @@ def test_cpu_flash_sdpa_is_counted_like_the_math_backend():
 
 def test_batch_scales_every_node_linearly():
     cfg = llava_config()
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     measured = cost.measure_prefill_flops(random_llava(cfg), prompt(s, 6, IMAGE_TOKEN, batch=3))
     assert_close(measured, cost.prefill_flops(s, cost.baseline_layers(s, 6), batch=3)["total"],
                  "batch 3", rel=0)
@@ -123,7 +124,7 @@ def test_batch_scales_every_node_linearly():
 
 def test_llava_7b_shape_matches_flop_counter_under_fake_tensors(capsys):
     cfg = llava_7b_config()
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     assert (s.n_vision_tokens, s.n_visual, s.proj_in, s.bytes_per_el) == (577, 576, 1024, 2)
     measured = cost.measure_prefill_breakdown(cost.fake_llava(cfg), prompt(s, 20, 32000))
     analytic = cost.prefill_flops(s, cost.baseline_layers(s, 20))
@@ -138,7 +139,7 @@ def test_llava_7b_meta_model_is_measured_without_allocating():
     from transformers import LlavaForConditionalGeneration
 
     cfg = llava_7b_config()
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
     measured = cost.measure_prefill_flops(model, prompt(s, 20, 32000))
@@ -147,7 +148,7 @@ def test_llava_7b_meta_model_is_measured_without_allocating():
 
 def test_llava_7b_decoder_reproduces_published_3_82_tmac_baseline():
     # methods.md 11.3 convention: n_t = 0, 576 visual tokens, decoder layers only, c = 3, MACs
-    s = cost.ModelShapes.from_config(llava_7b_config())
+    s = model_shapes(llava_7b_config())
     macs = sum(cost.layer_flops(s, spec) for spec in cost.baseline_layers(s, 0)) / 2
     assert macs == pytest.approx(3.82e12, rel=0.01)
     # vision tower: methods.md quotes ~0.19 TMAC (c = 2) for CLIP ViT-L/14-336 on 577 tokens
@@ -155,7 +156,7 @@ def test_llava_7b_decoder_reproduces_published_3_82_tmac_baseline():
 
 
 def small_shapes(**kw) -> cost.ModelShapes:
-    s = cost.ModelShapes.from_config(llava_config(kv_heads=2))  # d 64, m 96, 4 heads x 16, d_kv 32
+    s = model_shapes(llava_config(kv_heads=2))  # d 64, m 96, 4 heads x 16, d_kv 32
     return dataclasses.replace(s, **kw)
 
 
@@ -213,16 +214,16 @@ def test_prefill_visual_count_into_projector_is_overridable():
 @pytest.mark.parametrize("decoder", ["llama", "qwen2"])
 def test_weight_bytes_sum_to_the_models_parameter_bytes(decoder):
     cfg = llava_config(decoder=decoder, kv_heads=2)
-    s = cost.ModelShapes.from_config(cfg, bytes_per_el=4)
+    s = model_shapes(cfg, bytes_per_el=4)
     model = random_llava(cfg)
     want = sum(p.numel() * p.element_size() for p in model.parameters())
     assert cost.weight_bytes(s)["total"] == want
 
 
 def test_shapes_read_dtype_bytes_and_accept_an_override():
-    assert cost.ModelShapes.from_config(llava_7b_config()).bytes_per_el == 2
-    assert cost.ModelShapes.from_config(llava_config()).bytes_per_el == 4
-    assert cost.ModelShapes.from_config(llava_7b_config(), bytes_per_el=1).bytes_per_el == 1
+    assert model_shapes(llava_7b_config()).bytes_per_el == 2
+    assert model_shapes(llava_config()).bytes_per_el == 4
+    assert model_shapes(llava_7b_config(), bytes_per_el=1).bytes_per_el == 1
 
 
 def test_layer_spec_rejects_more_visual_than_total_tokens():
@@ -234,7 +235,7 @@ def test_builtin_synth_llava_shape_matches_flop_counter_and_llm_dominates():
     from vlmopt.frontend import synth_llava
 
     cfg, _ = synth_llava.make_config()  # the shipped checkpoint's exact shapes
-    s = cost.ModelShapes.from_config(cfg)
+    s = model_shapes(cfg)
     measured = cost.measure_prefill_breakdown(cost.fake_llava(cfg), prompt(s, 16, 4))
     analytic = cost.prefill_flops(s, cost.baseline_layers(s, 16))
     for node, flops in analytic.items():

@@ -46,6 +46,23 @@ def test_optimize_writes_plan_and_report_within_the_flops_target(finished):
             assert "eval" in m  # held-out accuracy for every row
 
 
+def test_report_times_each_step(finished):
+    """Every announced step has its seconds, in order, and they add up to the search time at
+    least (the steps cover the whole run up to the report)."""
+    r = json.loads((finished / "report.json").read_text())
+    steps = r["stage_seconds"]
+    names = list(steps)
+    assert names[0] == "checking the inputs" and names[-1] == "writing the report"
+    for want in ("searching (joint)", "baselines at the same FLOPs", "drawing the kept visual "
+                 "tokens"):
+        assert want in names
+    assert names.index("searching (joint)") < names.index("baselines at the same FLOPs")
+    assert all(v >= 0 for v in steps.values())
+    assert sum(steps.values()) >= r["search_seconds"] * 0.99
+    assert "Seconds per step (to the report): checking the inputs" in \
+        (finished / "report.md").read_text()
+
+
 def test_the_plan_reapplies_to_the_same_flops(finished, tiny_llava):
     from vlmopt.search.space import Space
 

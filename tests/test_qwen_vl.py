@@ -11,7 +11,7 @@ from helpers import QWEN_TYPES, build_tiny_qwen, qwen_batch, record_modules
 from vlmopt.passes import drop_tokens as dt
 from vlmopt.passes import select_visual as sv
 
-from vlmopt.frontend.load import adapter_for
+from vlmopt.frontend.load import adapter_for, model_shapes
 from vlmopt.ir.capture import capture, complete_inputs, node_by_block
 from vlmopt.pipeline import get_pass, run_passes
 
@@ -174,7 +174,7 @@ def test_cost_model_matches_flop_counter_on_the_whole_prefill(qwen, grid):
 
     batch = qwen_batch(qwen, [grid])
     n_text = int(batch["input_ids"].shape[1]) - int(grid[1] * grid[2] // 4)
-    s = cost.ModelShapes.from_config(qwen.config, grids=[grid])
+    s = model_shapes(qwen.config, grids=[grid])
     analytic = cost.prefill_flops(s, cost.baseline_layers(s, n_text))
     measured = cost.measure_prefill_breakdown(qwen, batch, fake=False)
     assert s.n_visual == grid[1] * grid[2] // 4
@@ -187,7 +187,7 @@ def test_cost_model_matches_flop_counter_on_the_whole_prefill(qwen, grid):
 def test_cost_model_counts_every_parameter(qwen):
     from vlmopt import cost
 
-    s = cost.ModelShapes.from_config(qwen.config)
+    s = model_shapes(qwen.config)
     wb = cost.weight_bytes(s, bytes_per_el=4)
     n = sum(p.numel() for p in qwen.parameters())
     assert wb["total"] == 4 * n, (wb["total"], 4 * n)
@@ -278,6 +278,39 @@ def test_visionzip_on_cls_free_towers_keeps_the_most_attended_tokens(qwen):
         slots = vis[b].nonzero()[:, 0][top]
         ref = {tuple(batch["position_ids"][:, b, j].tolist()) for j in slots.tolist()}
         assert kept[b] == ref, f"sample {b}: {len(kept[b] ^ ref)} positions differ"
+
+
+def test_received_attention_holds_one_heads_probabilities_at_a_time():
+    """The score never materializes [H, N, N]: the largest tensor it makes is one head's
+    [N, N] (1344-px images on a 7B tower have ~9k patches: 5 GB for all 16 heads at once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vlmopt.ir.received import received_attention
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.most = max(self.most, t.numel())
+            return out
+
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+    N = 64
+    attn = hf.Qwen2_5_VLVisionAttention(Qwen2_5_VLVisionConfig(hidden_size=16, num_heads=4))
+    x = torch.randn(N, 16)
+    cos, sin = torch.ones(N, 4), torch.zeros(N, 4)  # the identity rotation
+    allowed = torch.ones(N, N, dtype=torch.bool)
+    with torch.no_grad(), Largest() as m:
+        got = received_attention(attn, x, cos, sin, allowed, 4)
+    assert m.most <= N * N, f"largest tensor {m.most} elements (one head: {N * N})"
+    q, k, _ = attn.qkv(x).reshape(N, 3, 4, 4).permute(1, 2, 0, 3).unbind(0)  # [H, N, hd]
+    ref = (q @ k.transpose(1, 2) * attn.scaling).softmax(-1).mean(0).sum(0).reshape(16, 4).mean(-1)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_visionzip_contextual_tokens_need_a_fixed_grid(qwen):

@@ -89,9 +89,7 @@ def image_grids(lm: LoadedModel, image_size: tuple[int, int] | None) -> list | N
         return None
     if image_size is None:
         return None
-    from vlmopt.frontend.qwen_vl import image_grid
-
-    return [image_grid(lm.path, lm.config.vision_config, *image_size)]
+    return type(lm.adapter).image_grids(lm.path, lm.config, *image_size)
 
 
 def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
@@ -102,8 +100,8 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     from vlmopt import cost
 
     grids = image_grids(lm, image_size)
-    shapes = cost.ModelShapes.from_config(lm.config, grids=grids)
-    n0 = shapes.n_visual if shapes.family != "llava" else None
+    shapes = lm.shapes(grids)
+    n0 = shapes.n_visual if shapes.dynamic else None
     base_gm = _capture(lm)
     gm = graph if graph is not None else base_gm
     base = cost.prefill_flops(shapes, layer_specs(base_gm, n_text, n0))

@@ -88,15 +88,20 @@ def cmd_optimize(args) -> int:
     orig = res["methods"][0]
     if args.json:
         print(json.dumps({k: res[k] for k in ("model", "target", "scope", "strategy",
-                                               "seconds", "latency_ratio", "methods")},
-                         indent=2))
+                                               "seconds", "stage_seconds", "latency_ratio",
+                                               "methods")}, indent=2))
         return 0
     print(f"wrote {opts.out}: plan.json, report.html/.md/.json"
           + (", ONNX package" if isinstance(res.get("artifact"), dict) else ""))
     print(f"chosen plan: LLM FLOPs ratio {ours['ratio_llm']:.3f} (total "
           f"{ours['ratio_total']:.3f}); calibration fidelity {ours['calib']['fidelity']:.3f} "
           f"(original {orig['calib']['fidelity']:.3f}); prefill latency ratio "
-          f"{res['latency_ratio']:.3f}; {res['seconds']:.0f} s")
+          f"{res['latency_ratio']:.3f}"
+          + (f" (ONNX Runtime {res['latency_ratio_ort']:.3f})"
+             if res.get("latency_ratio_ort") is not None else "")
+          + f"; {res['seconds']:.0f} s")
+    print("  seconds per step: " + ", ".join(f"{k} {v:.0f}"
+                                             for k, v in res["stage_seconds"].items()))
     for m in res["methods"]:
         if m.get("eval"):
             print(f"  held-out {m['method']:<22} accuracy {m['eval']['fidelity']:.3f}  "

@@ -1,4 +1,8 @@
-"""Analytic cost model for LLaVA prefill and decode (FLOPs, KV-cache bytes, weight bytes).
+"""Analytic cost model for VLM prefill and decode (FLOPs, KV-cache bytes, weight bytes).
+
+Family-agnostic: the decoder formulas read ``ModelShapes``, which the family adapter builds
+(``Adapter.model_shapes``). A CLIP ViT + MLP projector (LLaVA) is priced here; a tower of
+another shape comes with its own ``Tower`` (``vlmopt.cost_vision`` for Qwen-VL).
 
 FLOPs are 2 per multiply-accumulate and count exactly the ops ``torch.utils.flop_counter`` counts:
 matmuls (linear/mm/bmm/addmm, bias adds excluded), the ViT patch-embedding convolution and
@@ -25,9 +29,27 @@ log = logging.getLogger(__name__)
 _HALF = {torch.float16, torch.bfloat16}
 _GATED_DECODERS = {"llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text",
                    "qwen3_vl_text"}
-QWEN_VL_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
-# Qwen-VL reference image when none is given: 448 x 448 (the papers' and model cards' size)
-DEFAULT_IMAGE_PX = 448
+
+
+class Tower:
+    """The cost of a vision tower that is not a CLIP ViT + MLP projector (an adapter supplies
+    it): dynamic resolution, its own merger, its own parameter count. ``grids``: one (t, h, w)
+    per image of a sample, in patches."""
+
+    def n_llm_tokens(self, grids) -> int:
+        raise NotImplementedError
+
+    def breakdown(self, grids) -> dict[str, int]:
+        """FLOPs: "vision" (the tower) and "merger" (into the LLM; the projector's place)."""
+        raise NotImplementedError
+
+    def param_bytes(self, bytes_per_el: int) -> tuple[int, int]:
+        """(vision, project) parameter bytes."""
+        raise NotImplementedError
+
+    def select_flops(self, op: str, grids) -> int | None:
+        """A select_visual scorer's extra FLOPs on this tower (None: not one it runs)."""
+        return None
 
 
 def _dtype_bytes(dtype) -> int:
@@ -38,7 +60,8 @@ def _dtype_bytes(dtype) -> int:
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """Every dimension the cost formulas need, read from a transformers ``LlavaConfig``."""
+    """Every dimension the cost formulas need (built by the family adapter's ``model_shapes``;
+    ``from_llava_config`` reads a LLaVA-style config: CLIP ViT, MLP projector, decoder)."""
 
     # vision tower (CLIP ViT)
     vision_hidden: int
@@ -69,9 +92,8 @@ class ModelShapes:
     mlp_bias: bool = False
     tied_embeddings: bool = False
     bytes_per_el: int = 2
-    # dynamic-resolution towers (Qwen-VL): priced by vlmopt.cost_vision for these images
-    family: str = "llava"
-    vision_config: object = field(default=None, compare=False, hash=False, repr=False)
+    # a tower priced by its own Tower (dynamic resolution) for these images; None: CLIP ViT
+    tower: Tower | None = field(default=None, compare=False, hash=False, repr=False)
     grids: tuple = ()  # one (t, h, w) per image of a sample, in patches before the merge
     qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3)
 
@@ -87,21 +109,20 @@ class ModelShapes:
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def at_grids(self, grids) -> ModelShapes:
-        """The same model with one sample's images of these (t, h, w) patch grids (Qwen-VL)."""
-        from vlmopt import cost_vision
+    @property
+    def dynamic(self) -> bool:
+        """Visual-token counts follow the image (the tower prices itself per grid)."""
+        return self.tower is not None
 
-        if self.family != "qwen_vl":
+    def at_grids(self, grids) -> ModelShapes:
+        """The same model with one sample's images of these (t, h, w) patch grids."""
+        if self.tower is None:
             raise ValueError("a fixed-resolution model has no image grids")
         grids = tuple(tuple(int(x) for x in g) for g in grids)
-        return replace(self, grids=grids,
-                       n_visual=cost_vision.n_llm_tokens(self.vision_config, list(grids)))
+        return replace(self, grids=grids, n_visual=self.tower.n_llm_tokens(list(grids)))
 
     @classmethod
-    def from_config(cls, config, *, bytes_per_el: int | None = None,
-                    grids=None) -> ModelShapes:
-        if config.model_type in QWEN_VL_TYPES:
-            return cls._from_qwen(config, bytes_per_el, grids)
+    def from_llava_config(cls, config, *, bytes_per_el: int | None = None) -> ModelShapes:
         vc, tc = config.vision_config, config.text_config
         if vc.model_type != "clip_vision_model":
             log.warning("vision tower %s: modelled as a CLIP ViT (extra heads are not counted)",
@@ -138,37 +159,6 @@ class ModelShapes:
                                  or getattr(config, "tie_word_embeddings", False)),
             bytes_per_el=bytes_per_el,
         )
-
-
-    @classmethod
-    def _from_qwen(cls, config, bytes_per_el, grids) -> ModelShapes:
-        vc, tc = config.vision_config, config.text_config
-        heads = tc.num_attention_heads
-        if bytes_per_el is None:
-            bytes_per_el = _dtype_bytes(getattr(tc, "dtype", None) or getattr(config, "dtype",
-                                                                                None))
-        merge = vc.spatial_merge_size
-        if grids is None:  # the reference image, rounded to whole merged cells
-            side = max(1, round(DEFAULT_IMAGE_PX / (vc.patch_size * merge))) * merge
-            grids = [(1, side, side)]
-        qwen3 = config.model_type == "qwen3_vl"
-        width = getattr(vc, "embed_dim", None) or vc.hidden_size  # Qwen2-VL: embed_dim
-        s = cls(
-            vision_hidden=width, vision_intermediate=getattr(vc, "intermediate_size", 0) or 0,
-            vision_layers=vc.depth, vision_heads=vc.num_heads, image_size=0,
-            patch_size=vc.patch_size, num_channels=vc.in_channels, n_vision_tokens=0,
-            has_cls=False, n_feature_layers=1, proj_in=width * merge ** 2,
-            projector_bias=True, d=tc.hidden_size, m=tc.intermediate_size,
-            n_layers=tc.num_hidden_layers, heads=heads,
-            kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
-            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-            vocab=tc.vocab_size, n_visual=0, qkv_bias=not qwen3 or bool(
-                getattr(tc, "attention_bias", False)),
-            o_bias=qwen3 and bool(getattr(tc, "attention_bias", False)),
-            tied_embeddings=bool(getattr(tc, "tie_word_embeddings", False)
-                                 or getattr(config, "tie_word_embeddings", False)),
-            bytes_per_el=bytes_per_el, family="qwen_vl", vision_config=vc, qk_norm=qwen3)
-        return s.at_grids(grids)
 
 
 @dataclass(frozen=True)
@@ -209,13 +199,17 @@ def layer_flops(s: ModelShapes, spec: LayerSpec) -> int:
     return 2 * macs
 
 
-def vision_flops(s: ModelShapes) -> int:
-    """FLOPs of the whole CLIP tower for one image, as HF runs it (every encoder layer); for
-    Qwen-VL the tower without its merger, for the sample's image grids (vlmopt.cost_vision)."""
-    if s.family == "qwen_vl":
-        from vlmopt.cost_vision import qwen_vision_breakdown
+def decoder_bytes_per_el(config) -> int:
+    """Bytes per parameter of a checkpoint's decoder (its declared dtype; fp32 when none)."""
+    tc = config.text_config
+    return _dtype_bytes(getattr(tc, "dtype", None) or getattr(config, "dtype", None))
 
-        return qwen_vision_breakdown(s.vision_config, list(s.grids))["vision"]
+
+def vision_flops(s: ModelShapes) -> int:
+    """FLOPs of the whole CLIP tower for one image, as HF runs it (every encoder layer); for a
+    tower with its own ``Tower``, the tower without its merger for the sample's image grids."""
+    if s.tower is not None:
+        return s.tower.breakdown(list(s.grids))["vision"]
     h, n = s.vision_hidden, s.n_vision_tokens
     conv = s.n_patches * h * s.num_channels * s.patch_size ** 2  # patch_embedding conv
     per_layer = (4 * n * h * h  # q, k, v, o: [n, h] -> [n, h]
@@ -225,10 +219,8 @@ def vision_flops(s: ModelShapes) -> int:
 
 
 def projector_flops(s: ModelShapes, n_tokens: int) -> int:
-    if s.family == "qwen_vl":  # the patch merger (+ deepstack mergers) inside the tower
-        from vlmopt.cost_vision import qwen_vision_breakdown
-
-        return qwen_vision_breakdown(s.vision_config, list(s.grids))["merger"]
+    if s.tower is not None:  # the tower's own merger (Qwen-VL: patch + deepstack mergers)
+        return s.tower.breakdown(list(s.grids))["merger"]
     # [n, proj_in] -> [n, d] -> [n, d]
     return 2 * n_tokens * (s.proj_in * s.d + s.d * s.d)
 
@@ -334,10 +326,8 @@ def weight_bytes(s: ModelShapes, layers: list[LayerSpec] | None = None,
            "project": (matrix_bytes(s.d, s.proj_in, pb.get("linear_1", 0), group_size, b, b)
                        + matrix_bytes(s.d, s.d, pb.get("linear_2", 0), group_size, b, b)
                        + b * 2 * s.d * int(s.projector_bias))}
-    if s.family == "qwen_vl":  # the merger's parameters are the tower's
-        from vlmopt.cost_vision import qwen_vision_param_bytes
-
-        out["vision"], out["project"] = qwen_vision_param_bytes(s.vision_config, b), 0
+    if s.tower is not None:  # the tower's own count (its merger included)
+        out["vision"], out["project"] = s.tower.param_bytes(b)
     for li in range(s.n_layers):
         spec = layers[li] if layers else LayerSpec(0, 0)
         bits = dict(spec.bits)
@@ -491,10 +481,8 @@ def select_flops(s: ModelShapes, info: dict) -> int:
         return 2 * info["n_merge"] * info["contextual"] * (hd + h)
     if op == "diversity":
         return 2 * info["n_visual"] ** 2 * s.d
-    if op == "received_attention":  # Qwen-VL: the last ViT block's qkv and q.k^T again
-        from vlmopt.cost_vision import received_attention_flops
-
-        return received_attention_flops(s.vision_config, list(s.grids))
+    if s.tower is not None:  # e.g. received_attention on a CLS-free tower
+        return s.tower.select_flops(op, list(s.grids)) or 0
     return 0
 
 

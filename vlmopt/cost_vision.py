@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["n_llm_tokens", "qwen_vision_breakdown", "qwen_vision_flops", "qwen_vision_param_bytes",
-           "received_attention_flops"]
+from vlmopt.cost import Tower
+
+__all__ = ["QwenTower", "n_llm_tokens", "qwen_vision_breakdown", "qwen_vision_flops",
+           "qwen_vision_param_bytes", "received_attention_flops"]
 
 Grid = tuple[int, int, int]
 
@@ -159,3 +161,24 @@ def n_llm_tokens(vision_config, grids: list[Grid]) -> int:
     """Visual tokens entering the LLM: t*h*w / merge**2 per image."""
     s = _tower(vision_config)
     return sum(t * h * w // s.merge ** 2 for t, h, w in _check(s, grids))
+
+
+class QwenTower(Tower):
+    """``vlmopt.cost.Tower`` for a Qwen-VL vision config: the functions above."""
+
+    def __init__(self, vision_config):
+        _tower(vision_config)  # refuses a config that is not a Qwen-VL tower
+        self.vc = vision_config
+
+    def n_llm_tokens(self, grids) -> int:
+        return n_llm_tokens(self.vc, grids)
+
+    def breakdown(self, grids) -> dict[str, int]:
+        return qwen_vision_breakdown(self.vc, grids)
+
+    def param_bytes(self, bytes_per_el: int) -> tuple[int, int]:
+        return qwen_vision_param_bytes(self.vc, bytes_per_el), 0  # the merger is the tower's
+
+    def select_flops(self, op: str, grids) -> int | None:
+        # VisionZip's score on this CLS-free tower: the last block's qkv and q.k^T again
+        return received_attention_flops(self.vc, grids) if op == "received_attention" else None

@@ -63,9 +63,8 @@ def dynamic(gm: fx.GraphModule) -> bool:
 
 
 def layout_names(gm: fx.GraphModule) -> tuple[str, ...]:
-    from vlmopt.export_vision import LAYOUT_INPUTS
-
-    return LAYOUT_INPUTS[gm.meta["vlmopt"]["model_type"]] if dynamic(gm) else ()
+    """The prefill graph's layout inputs, as the family's adapter declared them at capture."""
+    return tuple(gm.meta["vlmopt"]["layout"]["inputs"]) if dynamic(gm) else ()
 
 
 def export_feeds(gm: fx.GraphModule, batch: dict) -> dict[str, torch.Tensor]:

@@ -34,7 +34,8 @@ def layout_spec(config) -> dict:
     """What ``layout_feeds`` needs of a Qwen-VL config (JSON: the artifact's manifest keeps it)."""
     vc = config.vision_config
     spec = {"model_type": config.model_type, "merge": int(vc.spatial_merge_size),
-            "patch_size": int(vc.patch_size)}
+            "patch_size": int(vc.patch_size),
+            "inputs": list(LAYOUT_INPUTS[config.model_type])}  # the prefill graph's, in order
     if config.model_type == "qwen2_5_vl":
         spec["window_size"] = int(vc.window_size)
     if config.model_type == "qwen3_vl":

@@ -105,7 +105,7 @@ def optimize(opts: Options, progress: Callable | None = None,
     from vlmopt.frontend.load import fingerprint, read_config, resolve_model
     from vlmopt.search.study import WORKER, check_storage, open_study, recover
 
-    say = stage or (lambda msg: log.info(msg))
+    say = Stages(stage or (lambda msg: log.info(msg)))
     t_start = time.perf_counter()
     _check_flags(opts)
     path = resolve_model(opts.model)
@@ -161,6 +161,26 @@ def optimize(opts: Options, progress: Callable | None = None,
                 (opts.out / STUDY_FILE).unlink(missing_ok=True)
                 (opts.out / RUN_FILE).unlink(missing_ok=True)
             raise
+
+
+class Stages:
+    """``say(msg)`` that also times each step, from one announcement to the next:
+    ``seconds`` {step: s}, in order (the report and ``examples/bench_optimize.py`` print it)."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.seconds = say, {}
+        self.name, self.t = "checking the inputs", time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        self.close()
+        self.name = msg
+        self.say(msg)
+
+    def close(self) -> dict[str, float]:
+        now = time.perf_counter()
+        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + now - self.t
+        self.t = now
+        return self.seconds
 
 
 def _check_flags(opts: Options) -> None:
@@ -344,6 +364,7 @@ def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
     _publish(od, opts, lm, chosen, plan, result, calib, say, kept_files,
              (evaluator.base, evaluator.batches[0]))
     result["seconds"] = time.perf_counter() - t_start
+    result["stage_seconds"] = dict(say.close()) if isinstance(say, Stages) else {}
     return result
 
 
@@ -425,6 +446,8 @@ def _publish(od: outdir.OutDir, opts: Options, lm, chosen, plan, result: dict, c
             for name, data in kept_files.items():
                 (tmp / "kept" / name).write_bytes(data)
         say("writing the report")
+        if isinstance(say, Stages):  # every step so far (writing the report itself excluded)
+            result["stage_seconds"] = dict(say.close())
         report.write(result, tmp)
         od.commit()
     except OSError as e:

@@ -201,6 +201,9 @@ def markdown(r: dict) -> str:
                      f"{row['lc']:.5f} | {row['qk']} | {row['bits']} | {row['w0']:.1f} -> "
                      f"{row['w1']:.1f} |")
     lines += kept_lines(r)
+    if r.get("stage_seconds"):
+        lines += ["", "Seconds per step (to the report): " + "; ".join(
+            f"{k} {v:.1f}" for k, v in r["stage_seconds"].items())]
     return "\n".join(lines) + "\n"
 
 

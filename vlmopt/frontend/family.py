@@ -100,6 +100,24 @@ class Adapter:
         except (OSError, ValueError, ImportError) as e:
             raise VlmoptError(f"{path}: cannot load processor: {str(e).splitlines()[0]}") from None
 
+    # -- cost and image geometry (vlmopt.cost, vlmopt flops --image-size) -----------------
+    @classmethod
+    def model_shapes(cls, config, *, bytes_per_el: int | None = None, grids=None):
+        """``vlmopt.cost.ModelShapes`` of a config of this family; ``grids``: one sample's
+        (t, h, w) patch grids (dynamic resolution; None: ``reference_image_size``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def reference_image_size(cls, config) -> tuple[int, int]:
+        """(height, width) costed when no image size is given."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_grids(cls, path, config, height: int, width: int) -> list:
+        """The patch grids of one ``height`` x ``width`` image as the checkpoint's own image
+        processor sizes it (dynamic-resolution families only)."""
+        raise NotImplementedError(f"{cls.family}: fixed resolution, no image grids")
+
     # -- parts (every family has them; names differ) ---------------------------------------
     @property
     def config(self):

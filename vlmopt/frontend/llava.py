@@ -29,6 +29,18 @@ class LlavaAdapter(Adapter):
 
         return LlavaForConditionalGeneration
 
+    @classmethod
+    def model_shapes(cls, config, *, bytes_per_el: int | None = None, grids=None):
+        from vlmopt.cost import ModelShapes
+
+        if grids:
+            raise ValueError("a fixed-resolution model has no image grids")
+        return ModelShapes.from_llava_config(config, bytes_per_el=bytes_per_el)
+
+    @classmethod
+    def reference_image_size(cls, config) -> tuple[int, int]:
+        return (int(config.vision_config.image_size),) * 2
+
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower

@@ -31,6 +31,12 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     return adapter_class(model.config.to_dict(), type(model).__name__)(model)
 
 
+def model_shapes(config, *, bytes_per_el: int | None = None, grids=None):
+    """``vlmopt.cost.ModelShapes`` of a transformers config, built by its family's adapter."""
+    cls = adapter_class({"model_type": config.model_type}, "config")
+    return cls.model_shapes(config, bytes_per_el=bytes_per_el, grids=grids)
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -47,6 +53,10 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    def shapes(self, grids=None):
+        """The cost model's shapes of this checkpoint (one sample's image grids, if given)."""
+        return type(self.adapter).model_shapes(self.config, grids=grids)
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:

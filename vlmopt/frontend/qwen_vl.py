@@ -20,6 +20,9 @@ from torch import nn
 from vlmopt.frontend.family import Adapter, register_family, unnormalize
 from vlmopt.ir import blocks
 
+# reference image when none is given: 448 x 448 (the papers' and model cards' size)
+REFERENCE_IMAGE_PX = 448
+
 
 @register_family
 class QwenVLAdapter(Adapter):
@@ -54,6 +57,45 @@ class QwenVLAdapter(Adapter):
         from vlmopt.frontend.qwen_processor import load_qwen_processor
 
         return QwenInputs(load_qwen_processor(path), cls(model))
+
+    @classmethod
+    def model_shapes(cls, config, *, bytes_per_el: int | None = None, grids=None):
+        from vlmopt import cost
+        from vlmopt.cost_vision import QwenTower
+
+        vc, tc = config.vision_config, config.text_config
+        heads = tc.num_attention_heads
+        merge = vc.spatial_merge_size
+        if grids is None:  # the reference image, rounded to whole merged cells
+            side = max(1, round(REFERENCE_IMAGE_PX / (vc.patch_size * merge))) * merge
+            grids = [(1, side, side)]
+        qwen3 = config.model_type == "qwen3_vl"
+        width = getattr(vc, "embed_dim", None) or vc.hidden_size  # Qwen2-VL: embed_dim
+        bias = bool(getattr(tc, "attention_bias", False))
+        s = cost.ModelShapes(
+            vision_hidden=width, vision_intermediate=getattr(vc, "intermediate_size", 0) or 0,
+            vision_layers=vc.depth, vision_heads=vc.num_heads, image_size=0,
+            patch_size=vc.patch_size, num_channels=vc.in_channels, n_vision_tokens=0,
+            has_cls=False, n_feature_layers=1, proj_in=width * merge ** 2,
+            projector_bias=True, d=tc.hidden_size, m=tc.intermediate_size,
+            n_layers=tc.num_hidden_layers, heads=heads,
+            kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            vocab=tc.vocab_size, n_visual=0, qkv_bias=not qwen3 or bias, o_bias=qwen3 and bias,
+            tied_embeddings=bool(getattr(tc, "tie_word_embeddings", False)
+                                 or getattr(config, "tie_word_embeddings", False)),
+            bytes_per_el=(cost.decoder_bytes_per_el(config) if bytes_per_el is None
+                          else bytes_per_el),
+            tower=QwenTower(vc), qk_norm=qwen3)
+        return s.at_grids(grids)
+
+    @classmethod
+    def reference_image_size(cls, config) -> tuple[int, int]:
+        return REFERENCE_IMAGE_PX, REFERENCE_IMAGE_PX
+
+    @classmethod
+    def image_grids(cls, path, config, height: int, width: int) -> list:
+        return [image_grid(path, config.vision_config, height, width)]
 
     @property
     def vision_tower(self) -> nn.Module:
