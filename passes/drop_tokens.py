@@ -13,7 +13,11 @@ Scorers (shared/methods.md sections 2, 5, 9):
   last_query + score_at="next": PyramidDrop - the same row recomputed with layer k's norm/q/k
       on the hidden states at the cut;
   text_mean: mean attention from every text token (text-guided);  random: a fixed hash of the
-      original positions (the baseline).
+      original positions (the baseline);
+  dart: DART (xqy1111111/DART at 5a19452; rule in vlmopt/ir/dart.py) - pivots by the L1 norm
+      of layer k-1's post-RoPE keys (``pivot_image`` visual, ``pivot_text`` after the image),
+      then per pivot the pool tokens least cosine-similar (final-normed hidden at the cut) to
+      it; static counts (picks leave the pool), exportable; preset ``dart()``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from vlmopt.ir import tokens
-from vlmopt.ir.capture import decoder_nodes
+from vlmopt.ir.capture import decoder_nodes, node_by_block
 from vlmopt.ir.rewrite import (
     ChainState,
     add_module,
@@ -35,7 +39,7 @@ from vlmopt.ir.rewrite import (
 )
 from vlmopt.passreg import PassResult, register_pass
 
-SCORERS = ("last_query", "text_mean", "random")
+SCORERS = ("last_query", "text_mean", "random", "dart")
 SCORE_AT = ("previous", "next")
 _LAYER = re.compile(r"^layer_(\d+)$")
 
@@ -52,6 +56,9 @@ class Config:
     # "original": kept tokens keep their position ids (vlmopt's default, FastV's official code);
     # "contiguous": renumbered 0.. after each cut (PyramidDrop's official code)
     positions: str = "original"
+    # dart only: pivot tokens, visual ones and text ones after the image (official: 4 and 4)
+    pivot_image: int = 4
+    pivot_text: int = 4
 
     def __post_init__(self):
         if not isinstance(self.keep, dict):
@@ -81,6 +88,21 @@ class Config:
         if self.score_at not in SCORE_AT:
             raise ValueError(f"field 'score_at' must be one of {SCORE_AT}, got {self.score_at!r}")
         check_positions(self.positions)
+        for f in ("pivot_image", "pivot_text"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"field '{f}' must be a count >= 0, got {v!r}")
+        if self.pivot_image + self.pivot_text == 0:
+            raise ValueError("field 'pivot_text': DART needs at least one pivot")
+        if self.scorer == "dart":
+            if self.score_at != "previous":
+                raise ValueError("field 'score_at': dart ranks with layer k-1's keys and the "
+                                 "hidden at the cut ('previous')")
+            small = [n for n, c in self.keep.items() if isinstance(c, int) and c != 0
+                     and c < self.pivot_image]
+            if small:
+                raise ValueError(f"field 'keep': {small[0]} keeps fewer tokens than "
+                                 f"pivot_image={self.pivot_image}")
 
 
 def _layer_index(name: str) -> int:
@@ -114,6 +136,27 @@ def pdrop(layers: list[int], ratios: list[float], n_visual: int,
                   score_at="next", positions=positions)
 
 
+def dart(k: int = 2, n_visual: int | None = None, budget: int | None = 128,
+         reduction_ratio: float = 0.778, pivot_image: int = 4, pivot_text: int = 4,
+         positions: str = "original") -> Config:
+    """DART before layer ``k`` as the official code sizes it (xqy1111111/DART at 5a19452,
+    llava/model/language_model/modeling_llama_self.py ``get_retained_image_token``; defaults
+    from llava/eval/model_vqa_loader.py: K=2, max_num_trunction=128, 4 + 4 pivots):
+    TOKEN_TOPK = floor(B / P) per pivot, B = ``budget`` or N * (1 - reduction_ratio),
+    keep = pivot_image + P * TOKEN_TOPK (132 of 576 by default). The official code gathers the
+    original position ids: ``positions="original"``, the default. ``n_visual`` None (dynamic
+    resolution; the Qwen2.5-VL code sizes by the ratio): keep the fraction 1 - reduction_ratio
+    of each image's tokens, rounded (within 4.5 tokens of the official count)."""
+    P = pivot_image + pivot_text
+    if n_visual is None:
+        keep: int | float = float(1 - reduction_ratio)
+    else:
+        b = budget if budget is not None else n_visual * (1 - reduction_ratio)
+        keep = min(n_visual, pivot_image + P * int(b // P))
+    return Config(keep={f"layer_{k}": keep}, scorer="dart", pivot_image=pivot_image,
+                  pivot_text=pivot_text, positions=positions)
+
+
 @register_pass("drop_tokens", Config)
 def run(gm: fx.GraphModule, config: Config) -> PassResult:
     n_layers = gm.meta["vlmopt"]["n_layers"]
@@ -138,6 +181,13 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         mode = {"last_query": "last", "text_mean": "text_mean"}.get(config.scorer, "random")
         if config.scorer == "random":
             scorer = add_module(gm, f"score_{k}", tokens.HashScore(config.seed))
+        elif config.scorer == "dart":
+            from vlmopt.ir.dart import DartScore
+
+            norm = gm.get_submodule(node_by_block(gm, "norm").target).norm
+            scorer = add_module(gm, f"score_{k}", DartScore(
+                hf_layer, norm, cur, keep, config.pivot_image, config.pivot_text))
+            mode = "dart"
         else:
             scorer = add_module(gm, f"score_{k}", tokens.AttnScore(hf_layer, mode))
         dropper = add_module(gm, f"drop_{k}", tokens.KeepTopK(cur, keep))
@@ -147,12 +197,17 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
                   src=src, keep=keep):
             if config.scorer == "random":
                 s = g.call_module(scorer, (st.pos,))
+            elif config.scorer == "dart":  # layer k-1's keys, the hidden at the cut
+                s = g.call_module(scorer, (src_state.hidden, src_state.rope, st.hidden,
+                                           st.visual, st.amask))
             else:  # FastV scores layer k-1 from its own input; PDrop layer k from the cut
                 s = g.call_module(scorer, (src_state.hidden, src_state.rope, st.visual,
                                            st.amask))
             s.meta["vlmopt"] = {"block": "score", "mode": "random" if config.scorer == "random"
                                 else mode, "n_visual": src.meta["vlmopt"]["n_visual"],
                                 "visual_keeps": list(src.meta["vlmopt"].get("visual_keeps", []))}
+            if config.scorer == "dart":  # the cost model counts one cosine row per pivot
+                s.meta["vlmopt"]["pivots"] = config.pivot_image + config.pivot_text
             d = g.call_module(dropper, (s, st.hidden, st.pos, st.visual, st.amask))
             d.meta["vlmopt"] = {"block": "drop", "keep": keep}
             return tuple(g.call_function(operator.getitem, (d, i)) for i in range(5))

@@ -112,7 +112,8 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
         info = n.meta.get("vlmopt", {})
         if info.get("block") == "score":
             nv = info["n_visual"] if n0 is None else visual_tokens(info, n0)
-            opt[n.name] = cost.score_flops(shapes, n_text + nv, info["mode"])
+            opt[n.name] = cost.score_flops(shapes, n_text + nv, info["mode"],
+                                           info.get("pivots", 0))
             opt["total"] += opt[n.name]
         if info.get("select_op") == "diversity" and info.get("n_visual") is None:
             info = {**info, "n_visual": n0}  # dynamic resolution: the image's count

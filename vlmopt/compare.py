@@ -38,7 +38,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
     PyramidDrop, VisionZip, DivPrune and VisPruner come as their official code runs them
     (positions renumbered) and as vlmopt's original-positions variant (``_both``); VisPruner
-    is PyTorch-only (its duplicate-removal loop is not exportable yet).
+    is PyTorch-only (its duplicate-removal loop is not exportable yet). DART (K=2, reduction
+    77.8% and 88.9%) keeps the original positions, as its official code does.
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, and there is no pooling (no fixed grid)."""
@@ -53,7 +54,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .25)}})]),
           *_both("PyramidDrop", "drop_tokens", {
               "keep": {f"layer_{k}": int(n_visual * r) for k, r in zip(q, (.5, .25, .125))},
-              "score_at": "next"})]
+              "score_at": "next"}),
+          *[_dart(K, 4 + 8 * int(n_visual * (1 - r) // 8), r) for r in (.778, .889)]]
     have_select = "select_visual" in registry()
     for frac in (0.11, 0.33):
         k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
@@ -78,6 +80,13 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     return ms
 
 
+def _dart(K: int, keep: int | float, r: float) -> Method:
+    """DART at layer K, 4 + 4 pivots, sized as its official code does for reduction ratio r
+    (drop_tokens.dart); the official code keeps the original positions (a single row)."""
+    return Method(f"DART K={K} R={r:.1%}", [("drop_tokens", {
+        "keep": {f"layer_{K}": keep}, "scorer": "dart"})])
+
+
 def _both(name: str, pass_name: str, fields: dict) -> list[Method]:
     """A method as its official code runs it (positions renumbered 0.. after the cut) and as
     vlmopt's variant that keeps the original position ids."""
@@ -90,7 +99,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
           Method(f"FastV K={K} R=50%", [("drop_tokens", {"keep": {f"layer_{K}": 0.5}})]),
           Method(f"FastV K={K} R=75%", [("drop_tokens", {"keep": {f"layer_{K}": 0.25}})]),
           Method("PyramidDrop", [("drop_tokens", {"keep": {f"layer_{k}": 0.5 for k in q},
-                                                   "score_at": "next"})])]
+                                                   "score_at": "next"})]),
+          *[_dart(K, round(1 - r, 3), r) for r in (.778, .889)]]
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
         ms += [Method(f"VisionZip {pct} (received attention, dominant only)",

@@ -456,11 +456,14 @@ def fake_llava(config) -> torch.nn.Module:
     return model.eval()
 
 
-def score_flops(s: ModelShapes, n_tokens: int, mode: str) -> int:
+def score_flops(s: ModelShapes, n_tokens: int, mode: str, n_pivots: int = 0) -> int:
     """An explicit attention scorer (vlmopt.ir.tokens.AttnScore) over ``n_tokens`` tokens:
-    q for the query rows, k for every token, and q·k^T. mode "last" = one query row."""
+    q for the query rows, k for every token, and q·k^T. mode "last" = one query row.
+    mode "dart" (vlmopt.ir.dart): k for every token and one cosine row per pivot."""
     if mode == "random":
         return 0
+    if mode == "dart":
+        return 2 * (n_tokens * s.d * s.d_kv + n_pivots * n_tokens * s.d)
     n_q = 1 if mode == "last" else n_tokens
     macs = n_q * s.d * s.d_q + n_tokens * s.d * s.d_kv + s.heads * n_q * n_tokens * s.head_dim
     return 2 * macs

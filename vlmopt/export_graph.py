@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from vlmopt.errors import VlmoptError
 from vlmopt.ir.capture import decoder_nodes
+from vlmopt.ir.dart import DartScore
 from vlmopt.ir.frozen import FrozenDecoder
 from vlmopt.ir.select import DiversityScore
 from vlmopt.ir.tokens import KeepTopK, _rotary_fn, keep_count, qk_heads
@@ -182,7 +183,7 @@ class PrefillForm(nn.Module):
                     env[n] = None
                 elif blk == "vision" and self.vision is not None:
                     env[n] = self.vision(pixel_values, **layout)
-                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore)):
+                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore, DartScore)):
                     mod.n_visual = n_cur  # the symbolic count, for this call only
                     try:
                         env[n] = mod(*val(n.args))
