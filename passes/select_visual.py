@@ -33,22 +33,31 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
       the rest from the remaining patches by repeatedly dropping, in rounds of up to 8, the
       even-position tokens most similar (cosine of the vision features) to an odd-position
       one. PyTorch only (the loop grows with the tokens removed; export raises).
+  mmtok: MMTok (Ironieser/MMTok at d1522cd; rule and deviations in vlmopt/ir/mmtok.py): greedy
+      maximum coverage of the prompt's text tokens (text -> visual-embedding cosine) and of all
+      vision features before the projector (vision -> vision), softmax-normalised, weighted
+      1 : alpha; ``keep`` steps, exported as one ONNX Loop. Also on CLS-free towers (Qwen-VL:
+      merge-group means of the last ViT block).
+  vtc_cls: VTC-CLS (THU-MIG/VTC-CLS at e41ac9b; vlmopt/ir/vtc_cls.py): top-``keep`` patches by
+      the head-mean CLS attention summed over ViT layers ``start_layer`` .. the feature layer.
+      CLS towers only (no received-attention variant: that is VisionZip's rule).
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 from torch import fx
 
 from vlmopt.ir import select, tokens
-from vlmopt.ir.capture import decoder_nodes, node_by_block
+from vlmopt.ir import select_wiring as wire
+from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, set_visual_budget
 from vlmopt.passreg import PassResult, register_pass
 
-METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner")
+METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner", "mmtok",
+           "vtc_cls")
 
 
 @dataclass(frozen=True)
@@ -64,14 +73,30 @@ class Config:
     positions: str = "original"
     # vispruner only: the share of ``keep`` chosen by CLS attention (the official default 0.5)
     important_ratio: float = 0.5
+    # mmtok only: weight of the vision-coverage term and the two softmax temperatures
+    # (official LLaVA defaults; its Qwen2.5-VL port uses tv_temperature 0.01)
+    alpha: float = 0.5
+    tv_temperature: float = 0.02
+    vv_temperature: float = 0.2
+    # vtc_cls only: first ViT layer of the CLS-attention ensemble (official default 16 of 24;
+    # negative counts from the end, as a Python slice)
+    start_layer: int = 16
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
         check_positions(self.positions)
-        r = self.important_ratio
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r <= 1:
-            raise ValueError(f"field 'important_ratio' must lie in [0, 1], got {r!r}")
+        for name, lo, low_ok, hi in (("important_ratio", 0, True, 1), ("alpha", 0, True, None),
+                                     ("tv_temperature", 0, False, None),
+                                     ("vv_temperature", 0, False, None)):
+            r = getattr(self, name)
+            if (not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r)
+                    or r < lo or (r == lo and not low_ok) or (hi is not None and r > hi)):
+                span = f"[{lo}, {hi}]" if hi is not None else (f">= {lo}" if low_ok
+                                                               else f"> {lo}")
+                raise ValueError(f"field {name!r} must be {span}, got {r!r}")
+        if not isinstance(self.start_layer, int) or isinstance(self.start_layer, bool):
+            raise ValueError(f"field 'start_layer' must be an integer, got {self.start_layer!r}")
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
@@ -122,6 +147,29 @@ def divprune(keep: int, positions: str = "contiguous") -> Config:
     return Config(method="divprune", keep=keep, positions=positions)
 
 
+def mmtok(keep: int | float, alpha: float = 0.5, tv_temperature: float = 0.02,
+          vv_temperature: float = 0.2, positions: str = "contiguous") -> Config:
+    """MMTok keeping ``keep`` tokens (a fraction on dynamic-resolution models). Follows
+    Ironieser/MMTok at d1522cd (mmtok/core/semantic_selector.py; defaults from
+    mmtok/llava/llava_inject.py; the Qwen2.5-VL port, mmtok/qwen/qwen2_5_vl_mmtok.py, uses
+    tv_temperature 0.01 and keeps 20%). Its LLaVA path rebuilds the sequence with
+    ``position_ids=None`` (mmtok/llava/llava_arch_mmtok.py), so positions are contiguous: the
+    default here; its Qwen path gathers the original M-RoPE ids, so pass
+    ``positions="original"`` there. Text targets are the whole prompt (vlmopt.ir.mmtok)."""
+    return Config(method="mmtok", keep=keep, alpha=alpha, tv_temperature=tv_temperature,
+                  vv_temperature=vv_temperature, positions=positions)
+
+
+def vtc_cls(keep: int, start_layer: int = 16, positions: str = "contiguous") -> Config:
+    """VTC-CLS keeping ``keep`` patches by CLS attention summed over ViT layers
+    ``start_layer`` .. the feature layer. Follows THU-MIG/VTC-CLS at e41ac9b
+    (llava/model/multimodal_encoder/clip_encoder.py ``cls_token_only``,
+    llava/model/llava_arch.py ``encode_images``; ``--layer`` default 16 in
+    llava/eval/model_vqa_loader.py): the pruned sequence is rebuilt with
+    ``position_ids=None``, so positions are contiguous: the default here."""
+    return Config(method="vtc_cls", keep=keep, start_layer=start_layer, positions=positions)
+
+
 def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contiguous"
               ) -> Config:
     """VisPruner keeping ``keep`` tokens, ``int(keep * important_ratio)`` of them by CLS
@@ -132,81 +180,6 @@ def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contigu
     vlmopt's variant."""
     return Config(method="vispruner", keep=keep, positions=positions,
                   important_ratio=important_ratio)
-
-
-def _with_cls_attention(gm: fx.GraphModule, method: str, hint: str = ""):
-    """Make the vision node also return the CLS attention and head-mean keys of the layer that
-    feeds the projector (select.VisionClsAttention); returns (vision node, project node)."""
-    vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
-    old = gm.get_submodule(vis.target)
-    try:
-        mod = select.VisionClsAttention(old.tower, old.feature_layer, old.drop_cls)
-    except ValueError as e:
-        raise ValueError(f"select_visual: node {vis.name!r}: {method} needs a CLS token whose "
-                         f"attention ranks the patches ({e}){hint}") from None
-    vis.target = add_module(gm, "vision_cls", mod)
-    vis.meta["vlmopt"]["select_op"] = "cls_attention"
-    return vis, proj
-
-
-def _vispruner_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
-    """Rewire the vision node to also return the CLS attention; returns the node of per-patch
-    kept flags [B, Nv] (vlmopt.ir.vispruner). The projector still reads the features."""
-    from vlmopt.ir.vispruner import VisPrunerSelect
-
-    vis, proj = _with_cls_attention(gm, "VisPruner")
-    name = add_module(gm, "vispruner", VisPrunerSelect(nv, config.keep, config.important_ratio))
-    g = gm.graph
-    with g.inserting_before(proj):
-        feats, cls, _ = _getitems(g, vis, 3)
-        kept = _tag(g.call_module(name, (feats, cls)), select_op="duplicates",
-                    n_residual=nv - int(config.keep * config.important_ratio))
-    proj.args = (feats,)
-    return kept
-
-
-def _tag(node: fx.Node, **info) -> fx.Node:
-    node.meta["vlmopt"] = {"block": "select", **info}
-    return node
-
-
-def _getitems(g: fx.Graph, node: fx.Node, n: int) -> list[fx.Node]:
-    return [g.call_function(operator.getitem, (node, i)) for i in range(n)]
-
-
-def _visionzip_scores(gm: fx.GraphModule, config: Config, nv: int) -> fx.Node:
-    """Rewire vision -> project into vision(+CLS attention) -> contextual merge -> project;
-    returns the node of per-patch kept scores [B, Nv]."""
-    vis, proj = _with_cls_attention(gm, "VisionZip", "; the mean-received-attention variant "
-                                    "for CLS-free towers is not supported yet")
-    merger = select.ContextualMerge(nv, config.keep - config.contextual, config.contextual)
-    name = add_module(gm, "visionzip", merger)
-    g = gm.graph
-    with g.inserting_before(proj):
-        z = g.call_module(name, tuple(_getitems(g, vis, 3)))
-        _tag(z, select_op="contextual_merge", contextual=config.contextual,
-             n_merge=merger.n_merge)
-        feats, kept = _getitems(g, z, 2)
-    proj.args = (feats,)
-    return kept
-
-
-def _received_scores(gm: fx.GraphModule) -> fx.Node:
-    """CLS-free towers (Qwen-VL): the vision node also returns the attention each LLM token
-    receives in the last ViT block (vlmopt.ir.received); returns that node [Nv_total]."""
-    from vlmopt.ir.received import QwenVisionReceived
-
-    vis = node_by_block(gm, "vision")
-    old = gm.get_submodule(vis.target)
-    vis.target = add_module(gm, "vision_received", QwenVisionReceived(old.tower, old.n_deepstack))
-    vis.meta["vlmopt"]["select_op"] = "received_attention"
-    g = gm.graph
-    with g.inserting_after(vis):
-        recv = g.call_function(operator.getitem, (vis, old.n_deepstack + 1))
-        if not old.n_deepstack:  # the node was one tensor: its users now read item 0
-            feats = g.call_function(operator.getitem, (vis, 0))
-            vis.replace_all_uses_with(feats, delete_user_cb=lambda n: n not in (feats, recv))
-    return recv
 
 
 @register_pass("select_visual", Config)
@@ -223,7 +196,7 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
                          + ("method 'pool'" if config.method == "pool" else
                             "VisionZip's contextual tokens") + " need a fixed visual-token "
                          "grid; this model's count follows the image size (VisionZip with "
-                         "contextual=0, divprune, kcenter or random work)")
+                         "contextual=0, divprune, kcenter, mmtok or random work)")
     if nv is not None and isinstance(keep, float):
         keep = tokens.keep_count(keep, nv)
         stats["keep"] = keep
@@ -234,42 +207,54 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         stats["skipped"] = f"keep equals the {nv} visual tokens: nothing to select"
         return PassResult(gm, False, stats)
 
-    patch_scores = None
-    if config.method == "visionzip":
-        patch_scores = _received_scores(gm) if nv is None else _visionzip_scores(gm, config, nv)
-    if config.method == "vispruner":
+    patch_scores = vfeats = None
+    m = config.method
+    if m == "visionzip":
+        patch_scores = (wire.received_scores(gm) if nv is None else
+                        wire.visionzip_scores(gm, nv, keep, config.contextual))
+    elif m == "vispruner":
         if nv is None:
             raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a CLS "
                              "vision tower with a fixed grid; this model has neither")
-        config = Config(**{**config.__dict__, "keep": keep})
-        patch_scores = _vispruner_scores(gm, config, nv)
-    if config.method in ("visionzip", "vispruner"):
+        patch_scores = wire.vispruner_scores(gm, nv, keep, config.important_ratio)
+    elif m == "vtc_cls":
+        patch_scores = wire.vtc_cls_scores(gm, config.start_layer)
+    elif m == "mmtok":
+        vfeats = wire.vision_features(gm)
+    if patch_scores is not None:
         scorer = add_module(gm, "select_slots", select.SlotScores())
-    elif config.method == "random":
+    elif m == "random":
         scorer = add_module(gm, "select_random", tokens.HashScore(config.seed))
-    elif config.method == "pool":
+    elif m == "pool":
         scorer = add_module(gm, "select_pool", select.GridPool(nv, config.keep))
+    elif m == "mmtok":
+        from vlmopt.ir.mmtok import CoverageScore
+
+        scorer = add_module(gm, "select_mmtok", CoverageScore(
+            nv, keep, config.alpha, config.tv_temperature, config.vv_temperature))
     else:
-        start = "isolated" if config.method == "divprune" else "mean"
-        scorer = add_module(gm, f"select_{config.method}",
-                            select.DiversityScore(nv, keep, start))
+        start = "isolated" if m == "divprune" else "mean"
+        scorer = add_module(gm, f"select_{m}", select.DiversityScore(nv, keep, start))
     keeper = add_module(gm, "keep_visual", tokens.KeepTopK(nv, keep))
 
     def build(g, st):
         hidden = st.hidden
-        if config.method in ("visionzip", "vispruner"):
-            s = _tag(g.call_module(scorer, (patch_scores, st.visual)), select_op="slots")
-        elif config.method == "random":
-            s = _tag(g.call_module(scorer, (st.pos,)), select_op="random")
-        elif config.method == "pool":
-            p = _tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="pool")
-            s, hidden = _getitems(g, p, 2)
+        if patch_scores is not None:
+            s = wire.tag(g.call_module(scorer, (patch_scores, st.visual)), select_op="slots")
+        elif m == "random":
+            s = wire.tag(g.call_module(scorer, (st.pos,)), select_op="random")
+        elif m == "pool":
+            p = wire.tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="pool")
+            s, hidden = wire.getitems(g, p, 2)
+        elif m == "mmtok":
+            s = wire.tag(g.call_module(scorer, (st.hidden, st.visual, st.amask, vfeats)),
+                         select_op="coverage", n_visual=nv)
         else:
-            s = _tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="diversity",
-                     n_visual=nv)
+            s = wire.tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="diversity",
+                         n_visual=nv)
         d = g.call_module(keeper, (s, hidden, st.pos, st.visual, st.amask))
         d.meta["vlmopt"] = {"block": "drop", "keep": keep}
-        return tuple(_getitems(g, d, 5))
+        return tuple(wire.getitems(g, d, 5))
 
     insert_token_change(gm, 0, build, config.positions)
     gm.graph.eliminate_dead_code()  # the uncut sequence's mask and rope now feed nothing

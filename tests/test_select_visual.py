@@ -37,6 +37,8 @@ METHODS = {
     "kcenter": sv.Config("kcenter", 30),
     "pool": sv.Config("pool", 49),
     "random": sv.Config("random", 30, seed=7),
+    "mmtok": sv.Config("mmtok", 30),
+    "vtc_cls": sv.vtc_cls(30, start_layer=-8, positions="original"),
 }
 
 

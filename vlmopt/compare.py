@@ -36,13 +36,16 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
-    PyramidDrop, VisionZip, DivPrune and VisPruner come as their official code runs them
-    (positions renumbered) and as vlmopt's original-positions variant (``_both``); VisPruner
-    is PyTorch-only (its duplicate-removal loop is not exportable yet). DART (K=2, reduction
+    PyramidDrop, VisionZip, DivPrune, VisPruner, MMTok and VTC-CLS come as their official code
+    runs them (positions renumbered) and as vlmopt's original-positions variant (``_both``);
+    VisPruner is PyTorch-only (its duplicate-removal loop is not exportable yet). VTC-CLS sums
+    the CLS attention of ViT layers L-8 .. the feature layer (``start_layer`` -8: the official
+    ``--layer 16`` on LLaVA-1.5's 24-layer CLIP, and valid on any depth). DART (K=2, reduction
     77.8% and 88.9%) keeps the original positions, as its official code does.
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
-    keeps no contextual tokens, and there is no pooling (no fixed grid)."""
+    keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
+    there is no pooling (no fixed grid) and no VTC-CLS (no CLS)."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
@@ -67,6 +70,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
                    *_both(f"DivPrune {pct}", "select_visual", {"method": "divprune", "keep": k}),
                    *_both(f"VisPruner {pct}", "select_visual", {"method": "vispruner",
                                                                  "keep": k}),
+                   *_both(f"MMTok {pct}", "select_visual", {"method": "mmtok", "keep": k}),
+                   *_both(f"VTC-CLS {pct}", "select_visual", {"method": "vtc_cls", "keep": k,
+                                                               "start_layer": -8}),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
                    Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
                    Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]
@@ -107,6 +113,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
                       [("select_visual", {"method": "visionzip", "keep": frac})]),
                Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
                                                               "keep": frac})]),
+               Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
+                                                           "tv_temperature": 0.01})]),
                Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": frac})]),
                Method(f"random {pct}", [("select_visual", {"method": "random", "keep": frac})])]
     if freeze_order:

@@ -469,17 +469,22 @@ def score_flops(s: ModelShapes, n_tokens: int, mode: str, n_pivots: int = 0) -> 
     return 2 * macs
 
 
-def select_flops(s: ModelShapes, info: dict) -> int:
+def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     """The matmuls a select_visual node adds (vlmopt.ir.select), per sample; ``info`` is the
-    node's meta. cls_attention: the CLS query row and every key of one ViT layer, and q.k^T;
-    contextual_merge: key cosine [M, C] and the group sums [C, Dv]; diversity: the Nv x Nv
-    cosine matrix. Pooling, hashing and scattering count nothing."""
+    node's meta. cls_attention: the CLS query row and every key of one ViT layer (of each of
+    ``n_cls_layers``, VTC-CLS), and q.k^T; contextual_merge: key cosine [M, C] and the group
+    sums [C, Dv]; diversity: the Nv x Nv cosine matrix; coverage (MMTok): the cosine of every
+    one of the ``n_text`` + Nv rows with the Nv visual embeddings, and the Nv x Nv cosine of
+    the vision features. Pooling, hashing and scattering count nothing."""
     op = info.get("select_op")
     h = s.vision_hidden
     hd = h // s.vision_heads
     if op == "cls_attention":
         n = s.n_vision_tokens
-        return 2 * (h * h + n * h * h + s.vision_heads * n * hd)
+        return 2 * (h * h + n * h * h + s.vision_heads * n * hd) * info.get("n_cls_layers", 1)
+    if op == "coverage":
+        nv = info["n_visual"]
+        return 2 * ((n_text + nv) * nv * s.d + nv * nv * h)
     if op == "contextual_merge":
         return 2 * info["n_merge"] * info["contextual"] * (hd + h)
     if op == "diversity":

@@ -31,6 +31,7 @@ from vlmopt.errors import VlmoptError
 from vlmopt.ir.capture import decoder_nodes
 from vlmopt.ir.dart import DartScore
 from vlmopt.ir.frozen import FrozenDecoder
+from vlmopt.ir.mmtok import CoverageScore
 from vlmopt.ir.select import DiversityScore
 from vlmopt.ir.tokens import KeepTopK, _rotary_fn, keep_count, qk_heads
 
@@ -140,13 +141,15 @@ class PrefillForm(nn.Module):
         self.vision = None
         if self.dynamic:
             from vlmopt.export_vision import QwenVisionExport
+            from vlmopt.ir.mmtok import QwenVisionPatches
             from vlmopt.ir.received import QwenVisionReceived
 
             for n in self._nodes:
                 if _block(n) == "vision":
                     mod = gm.get_submodule(n.target)
                     self.vision = QwenVisionExport(mod.tower, mod.n_deepstack,
-                                                   received=isinstance(mod, QwenVisionReceived))
+                                                   received=isinstance(mod, QwenVisionReceived),
+                                                   patches=isinstance(mod, QwenVisionPatches))
             self.unit = self.vision.unit
 
     def forward(self, input_ids, pixel_values, attention_mask, position_ids, vision_pos=None,
@@ -183,7 +186,8 @@ class PrefillForm(nn.Module):
                     env[n] = None
                 elif blk == "vision" and self.vision is not None:
                     env[n] = self.vision(pixel_values, **layout)
-                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore, DartScore)):
+                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore, DartScore,
+                                                       CoverageScore)):
                     mod.n_visual = n_cur  # the symbolic count, for this call only
                     try:
                         env[n] = mod(*val(n.args))

@@ -75,9 +75,11 @@ def _attention(attn: nn.Module, x: torch.Tensor, cos, sin, allowed: torch.Tensor
 
 
 class QwenVisionExport(nn.Module):
-    def __init__(self, tower: nn.Module, n_deepstack: int = 0, received: bool = False):
+    def __init__(self, tower: nn.Module, n_deepstack: int = 0, received: bool = False,
+                 patches: bool = False):
         super().__init__()
         self.tower, self.n_deepstack, self.received = tower, n_deepstack, received
+        self.patches = patches  # MMTok's merge-group means (vlmopt.ir.mmtok.QwenVisionPatches)
         self.unit = tower.spatial_merge_size ** 2
         self.windowed = hasattr(tower, "fullatt_block_indexes")
         self.full_blocks = set(getattr(tower, "fullatt_block_indexes", []) or [])
@@ -111,10 +113,15 @@ class QwenVisionExport(nn.Module):
             if i in self.deepstack:
                 feats.append(t.deepstack_merger_list[self.deepstack.index(i)](h))
         merged = t.merger(h)
+        means = h.reshape(h.shape[0] // self.unit, self.unit, -1).mean(1) if self.patches \
+            else None
         if self.windowed:
             undo = torch.argsort(window_index)
             merged = merged[undo]
             recv = recv[undo] if recv is not None else None
+            means = means[undo] if means is not None else None
         if self.received:
             return (merged, *feats, recv)
+        if self.patches:
+            return (merged, *feats, means)
         return (merged, *feats) if self.n_deepstack else merged

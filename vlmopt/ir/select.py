@@ -65,17 +65,24 @@ class VisionClsAttention(nn.Module):
     def forward(self, pixel_values: torch.Tensor):
         out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
         feats = out.hidden_states[self.feature_layer][:, 1:]  # [B, Nv, Dv]
-        x = self.layer.layer_norm1(out.hidden_states[self.f - 1])  # [B, N, Dv], N = 1 + Nv
-        attn = self.layer.self_attn
-        B, N, _ = x.shape
-        H, hd = attn.num_heads, attn.head_dim
-        q = attn.q_proj(x[:, :1]).view(B, 1, H, hd).transpose(1, 2)  # [B, H, 1, hd]
-        k = attn.k_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-        # NOTE: same op order as HF's eager attention: (q @ k^T) * scale, softmax in float32
-        p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1,
-                          dtype=torch.float32)  # [B, H, 1, N]
-        cls = p[:, :, 0, 1:].sum(1)  # [B, Nv]
-        return feats, cls, k.mean(1)[:, 1:]
+        p, k = cls_attention_row(self.layer, out.hidden_states[self.f - 1])
+        return feats, p[:, :, 1:].sum(1), k.mean(1)[:, 1:]  # cls [B, Nv], keys [B, Nv, hd]
+
+
+def cls_attention_row(layer: nn.Module, h: torch.Tensor):
+    """The CLS query's attention probabilities in CLIP-style ViT ``layer`` whose input is
+    h [B, N, Dv] (N = 1 + Nv, CLS first), from its own layer_norm1 and q/k projections:
+    (p [B, H, N] float32, keys [B, H, N, hd])."""
+    x = layer.layer_norm1(h)
+    attn = layer.self_attn
+    B, N, _ = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x[:, :1]).view(B, 1, H, hd).transpose(1, 2)  # [B, H, 1, hd]
+    k = attn.k_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+    # NOTE: same op order as HF's eager attention: (q @ k^T) * scale, softmax in float32
+    p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1,
+                      dtype=torch.float32)  # [B, H, 1, N]
+    return p[:, :, 0], k
 
 
 class ContextualMerge(nn.Module):

@@ -1,0 +1,138 @@
+"""Graph wiring of the select_visual pass: per method, the nodes that turn the vision / project
+outputs into per-patch scores (the leaf modules live in vlmopt.ir.select, .received,
+.vispruner, .vtc_cls and .mmtok). Each function rewires ``gm`` in place and returns the node the
+pass's scorer reads."""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx, nn
+
+from vlmopt.ir import select
+from vlmopt.ir.capture import node_by_block
+from vlmopt.ir.rewrite import add_module
+
+
+def tag(node: fx.Node, **info) -> fx.Node:
+    node.meta["vlmopt"] = {"block": "select", **info}
+    return node
+
+
+def getitems(g: fx.Graph, node: fx.Node, n: int) -> list[fx.Node]:
+    return [g.call_function(operator.getitem, (node, i)) for i in range(n)]
+
+
+def _swap_vision(gm: fx.GraphModule, method: str, make, name: str, hint: str = ""):
+    """Replace the vision node's module by ``make(old)``; a ValueError from ``make`` (no CLS)
+    becomes one naming the node and the method. Returns (vision node, project node)."""
+    vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
+    old = gm.get_submodule(vis.target)
+    try:
+        if not hasattr(old, "feature_layer"):  # a tower without a CLS-style feature layer
+            raise ValueError("this vision tower has no [CLS] token")
+        mod = make(old)
+    except ValueError as e:
+        if str(e).startswith("field "):  # a config field the tower cannot serve
+            raise ValueError(f"select_visual: node {vis.name!r}: {e}") from None
+        raise ValueError(f"select_visual: node {vis.name!r}: {method} needs a CLS token whose "
+                         f"attention ranks the patches ({e}){hint}") from None
+    vis.target = add_module(gm, name, mod)
+    vis.meta["vlmopt"]["select_op"] = "cls_attention"
+    return vis, proj
+
+
+def with_cls_attention(gm: fx.GraphModule, method: str, hint: str = ""):
+    """The vision node also returns the CLS attention and head-mean keys of the layer feeding
+    the projector (select.VisionClsAttention); returns (vision node, project node)."""
+    return _swap_vision(gm, method, lambda old: select.VisionClsAttention(
+        old.tower, old.feature_layer, old.drop_cls), "vision_cls", hint)
+
+
+def vispruner_scores(gm: fx.GraphModule, nv: int, keep: int, ratio: float) -> fx.Node:
+    """Per-patch kept flags [B, Nv] of VisPruner (vlmopt.ir.vispruner)."""
+    from vlmopt.ir.vispruner import VisPrunerSelect
+
+    vis, proj = with_cls_attention(gm, "VisPruner")
+    name = add_module(gm, "vispruner", VisPrunerSelect(nv, keep, ratio))
+    g = gm.graph
+    with g.inserting_before(proj):
+        feats, cls, _ = getitems(g, vis, 3)
+        kept = tag(g.call_module(name, (feats, cls)), select_op="duplicates",
+                   n_residual=nv - int(keep * ratio))
+    proj.args = (feats,)
+    return kept
+
+
+def visionzip_scores(gm: fx.GraphModule, nv: int, keep: int, contextual: int) -> fx.Node:
+    """vision -> project becomes vision(+CLS attention) -> contextual merge -> project;
+    returns the node of per-patch kept scores [B, Nv]."""
+    vis, proj = with_cls_attention(gm, "VisionZip", "; the mean-received-attention variant "
+                                   "for CLS-free towers is not supported yet")
+    merger = select.ContextualMerge(nv, keep - contextual, contextual)
+    name = add_module(gm, "visionzip", merger)
+    g = gm.graph
+    with g.inserting_before(proj):
+        z = g.call_module(name, tuple(getitems(g, vis, 3)))
+        tag(z, select_op="contextual_merge", contextual=contextual, n_merge=merger.n_merge)
+        feats, kept = getitems(g, z, 2)
+    proj.args = (feats,)
+    return kept
+
+
+def vtc_cls_scores(gm: fx.GraphModule, start_layer: int) -> fx.Node:
+    """The vision node also returns VTC-CLS's CLS attention summed over its layer ensemble
+    (vlmopt.ir.vtc_cls); returns that node [B, Nv]."""
+    from vlmopt.ir.vtc_cls import VisionClsEnsemble
+
+    hint = ("; VTC-CLS defines no variant without [CLS] (method 'visionzip' ranks by received "
+            "attention there)")
+    vis, proj = _swap_vision(gm, "VTC-CLS", lambda old: VisionClsEnsemble(
+        old.tower, old.feature_layer, old.drop_cls, start_layer), "vision_vtc_cls", hint)
+    mod = gm.get_submodule(vis.target)
+    vis.meta["vlmopt"]["n_cls_layers"] = len(mod.layer_ids)
+    g = gm.graph
+    with g.inserting_before(proj):
+        feats, cls = getitems(g, vis, 2)
+    proj.args = (feats,)
+    return cls
+
+
+def _extra_vision_output(gm: fx.GraphModule, make, select_op: str) -> fx.Node:
+    """Dynamic-resolution towers: the vision node's module becomes ``make(old)``, which returns
+    the old outputs plus one more; returns the node of that extra output."""
+    vis = node_by_block(gm, "vision")
+    old = gm.get_submodule(vis.target)
+    mod: nn.Module = make(old)
+    vis.target = add_module(gm, f"vision_{select_op}", mod)
+    vis.meta["vlmopt"]["select_op"] = select_op
+    g = gm.graph
+    with g.inserting_after(vis):
+        extra = g.call_function(operator.getitem, (vis, old.n_deepstack + 1))
+        if not old.n_deepstack:  # the node was one tensor: its users now read item 0
+            feats = g.call_function(operator.getitem, (vis, 0))
+            vis.replace_all_uses_with(feats, delete_user_cb=lambda n: n not in (feats, extra))
+    return extra
+
+
+def received_scores(gm: fx.GraphModule) -> fx.Node:
+    """CLS-free towers (Qwen-VL): the attention each LLM token receives in the last ViT block
+    (vlmopt.ir.received) [Nv_total]."""
+    from vlmopt.ir.received import QwenVisionReceived
+
+    return _extra_vision_output(gm, lambda old: QwenVisionReceived(old.tower, old.n_deepstack),
+                                "received_attention")
+
+
+def vision_features(gm: fx.GraphModule) -> fx.Node:
+    """The node of the vision features before the projector, one row per LLM visual token:
+    the vision node itself on towers whose projector is separate ([B, Nv, Dv]); on towers with
+    the merger inside (Qwen-VL) a new output of merge-group means ([Nv_total, Dv],
+    vlmopt.ir.mmtok.QwenVisionPatches)."""
+    from vlmopt.ir.mmtok import QwenVisionPatches
+
+    vis = node_by_block(gm, "vision")
+    if hasattr(gm.get_submodule(vis.target), "feature_layer"):
+        return vis
+    return _extra_vision_output(gm, lambda old: QwenVisionPatches(old.tower, old.n_deepstack),
+                                "patch_features")
