@@ -64,6 +64,15 @@ def run_plan(lm, gm, work: Path, tag: str, args) -> dict:
                               "decode": u["decode_ms_per_token"] / f["decode_ms_per_token"]}}
 
 
+def paired(lat: dict, tag: str) -> dict:
+    """Median over rounds of unfused/fused time within the same round (load shifts cancel)."""
+    import statistics
+
+    u, f = lat[f"{tag}/unfused"], lat[f"{tag}/fused"]
+    return {k: statistics.median(a / b for a, b in zip(u[f"{k}_runs_ms"], f[f"{k}_runs_ms"]))
+            for k in ("prefill", "decode")}
+
+
 def markdown(res: dict) -> str:
     out = [f"# Fusion: {res['model']}", "",
            f"ONNX Runtime {res['onnxruntime']} CPU, {res['threads']} threads, "
@@ -72,16 +81,20 @@ def markdown(res: dict) -> str:
            "", "`python examples/bench_fusion.py " + " ".join(res["argv"]) + "`", ""]
     for tag, r in res["plans"].items():
         sp, par = r["fused_speedup"], r["parity"]
-        lat = r["latency"]
+        lat, pr = r["latency"], paired(r["latency"], tag)
         out += [f"## {tag}", "",
                 f"parity after fusion: max abs logit diff {par['max_abs_logit_diff']:.3g} "
                 f"(atol {par['atol']:g}), {par['samples']} samples x {par['tokens']} tokens",
-                "", "| graph | unfused ms | fused ms | fused speed-up |",
-                "| --- | --- | --- | --- |",
+                "", "| graph | unfused ms | fused ms | speed-up (medians) | speed-up (paired) |",
+                "| --- | --- | --- | --- | --- |",
                 f"| prefill | {lat[tag + '/unfused']['prefill_ms']:.1f} | "
-                f"{lat[tag + '/fused']['prefill_ms']:.1f} | {sp['prefill']:.2f}x |",
+                f"{lat[tag + '/fused']['prefill_ms']:.1f} | {sp['prefill']:.2f}x | "
+                f"{pr['prefill']:.2f}x |",
                 f"| decode / token | {lat[tag + '/unfused']['decode_ms_per_token']:.2f} | "
-                f"{lat[tag + '/fused']['decode_ms_per_token']:.2f} | {sp['decode']:.2f}x |", ""]
+                f"{lat[tag + '/fused']['decode_ms_per_token']:.2f} | {sp['decode']:.2f}x | "
+                f"{pr['decode']:.2f}x |", "",
+                "speed-up (medians): ratio of the two medians; (paired): median over rounds of "
+                "the ratio within a round.", ""]
         for g in ("prefill", "decode"):
             b, a = r["ops"][g]["before"], r["ops"][g]["after"]
             out += [f"{g}: {sum(b.values())} -> {sum(a.values())} nodes; fusions "
@@ -103,7 +116,12 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--markdown", help="only rewrite the .md of this results JSON")
     args = ap.parse_args()
+    if args.markdown:
+        res = json.loads(Path(args.markdown).read_text())
+        Path(args.markdown).with_suffix(".md").write_text(markdown(res))
+        return 0
     import onnxruntime
 
     from vlmopt.api import apply_plan
@@ -123,8 +141,10 @@ def main() -> int:
         for tag, gm in (("original", capture(lm)), ("pruned", apply_plan(lm, plan))):
             res["plans"][tag] = run_plan(lm, gm, Path(tmp), tag, args)
             r = res["plans"][tag]
-            print(f"{tag}: fused/unfused speed-up prefill {r['fused_speedup']['prefill']:.3f}x, "
-                  f"decode {r['fused_speedup']['decode']:.3f}x; parity "
+            pr = paired(r["latency"], tag)
+            print(f"{tag}: fused/unfused speed-up prefill {r['fused_speedup']['prefill']:.3f}x "
+                  f"(paired {pr['prefill']:.3f}x), decode {r['fused_speedup']['decode']:.3f}x "
+                  f"(paired {pr['decode']:.3f}x); parity "
                   f"{r['parity']['max_abs_logit_diff']:.3g}", flush=True)
             for g in ("prefill", "decode"):
                 print(f"  {g}: {r['fusion']['fused_ops'][g]}", flush=True)

@@ -237,7 +237,10 @@ def _reusable(d: Path, lm, gm, quantize: str | None = None) -> bool:
         return False
     counts = [n.meta["vlmopt"]["n_visual"] for n in decoder_nodes(gm)]
     q = (m.get("quantize") or {}).get("mode")
-    ok = (m["model"]["fingerprint"] == lm.fingerprint and q == quantize
+    from vlmopt.emit import FUSE
+
+    fused = bool((m.get("fusion") or {}).get("enabled"))  # NOTE: pre-fusion exports are not
+    ok = (m["model"]["fingerprint"] == lm.fingerprint and q == quantize and fused == FUSE
           and m["kv"]["n_visual_per_layer"] == counts)
     if ok:
         log.info("reusing the export in %s", d)
@@ -381,8 +384,8 @@ def benchmark(args) -> dict:
         if builder is not None:
             variants[bb.ROW] = bb.BuilderVariant(builder, args.threads)
         if args.no_torch:  # NOTE: memory for the ONNX sessions of real-shape models
-            lm.model = None
             gms.clear()
+            lm.model.to("meta")  # frees the weights; the config stays
         lat = measure(variants, batch, args.repeats, args.decode_tokens)
         acc = accuracy(arts, records) if records and lm.processor else None
     return summarize(args, lm, plan, cost, cost0, lat, acc, data, notes)
