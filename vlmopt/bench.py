@@ -60,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset for accuracy and quantized-decode agreement "
                    "(default for builtin:synth-llava: builtin:synthvqa-test)")
     p.add_argument("--eval-limit", type=positive("--eval-limit"), default=100)
-    p.add_argument("--no-torch", action="store_true", help="ONNX Runtime variants only")
+    p.add_argument("--no-torch", action="store_true", help="ONNX Runtime variants only (the "
+                   "PyTorch weights are freed before timing)")
+    p.add_argument("--no-builder", action="store_true", help="no ORT-GenAI model builder row "
+                   "(default: added when onnxruntime-genai is installed; vlmopt.bench_builder)")
     p.add_argument("--work-dir", help="keep the exported packages here and reuse those that "
                    "match the model and plan (default: a temporary directory)")
     p.add_argument("--save", help="write the results JSON here")
@@ -234,7 +237,10 @@ def _reusable(d: Path, lm, gm, quantize: str | None = None) -> bool:
         return False
     counts = [n.meta["vlmopt"]["n_visual"] for n in decoder_nodes(gm)]
     q = (m.get("quantize") or {}).get("mode")
-    ok = (m["model"]["fingerprint"] == lm.fingerprint and q == quantize
+    from vlmopt.emit import FUSE
+
+    fused = bool((m.get("fusion") or {}).get("enabled"))  # NOTE: pre-fusion exports are not
+    ok = (m["model"]["fingerprint"] == lm.fingerprint and q == quantize and fused == FUSE
           and m["kv"]["n_visual_per_layer"] == counts)
     if ok:
         log.info("reusing the export in %s", d)
@@ -348,8 +354,15 @@ def benchmark(args) -> dict:
                          n=args.batch_size, n_text=args.prompt_tokens, ragged=False)
     batch = {"torch": tb, "numpy": {k: v.numpy() for k, v in tb.items()}}
     quant = args.quantize if isinstance(args.quantize, list) else _quantize_list(args.quantize)
+    from vlmopt import bench_builder as bb
+
+    notes = []
     with tempfile.TemporaryDirectory(prefix="vlmopt-bench-") as tmp:
         work = Path(args.work_dir or tmp)
+        builder = None
+        if not getattr(args, "no_builder", False):
+            builder, note = bb.prepare(lm, work / "genai-builder", tb["pixel_values"])
+            notes.append(note)
         arts = {}
         for name, gm in gms.items():
             d = work / name
@@ -368,12 +381,17 @@ def benchmark(args) -> dict:
         variants = {} if args.no_torch else {"torch-hf/original": HFVariant(lm.model), **{
             f"torch/{k}": TorchVariant(g) for k, g in gms.items()}}
         variants.update({k: OrtVariant(a) for k, a in arts.items()})
+        if builder is not None:
+            variants[bb.ROW] = bb.BuilderVariant(builder, args.threads)
+        if args.no_torch:  # NOTE: memory for the ONNX sessions of real-shape models
+            gms.clear()
+            lm.model.to("meta")  # frees the weights; the config stays
         lat = measure(variants, batch, args.repeats, args.decode_tokens)
         acc = accuracy(arts, records) if records and lm.processor else None
-    return summarize(args, lm, plan, cost, cost0, lat, acc, data)
+    return summarize(args, lm, plan, cost, cost0, lat, acc, data, notes)
 
 
-def summarize(args, lm, plan, cost, cost0, lat, acc, data) -> dict:
+def summarize(args, lm, plan, cost, cost0, lat, acc, data, notes=()) -> dict:
     def ratio(a, b, key):
         return lat[a][key] / lat[b][key] if a in lat and b in lat else None
 
@@ -387,6 +405,10 @@ def summarize(args, lm, plan, cost, cost0, lat, acc, data) -> dict:
           "ort_vs_hf_original_prefill": ratio("torch-hf/original", "ort/original", "prefill_ms"),
           "ort_vs_hf_original_decode": ratio("torch-hf/original", "ort/original",
                                              "decode_ms_per_token")}
+    b = "genai-builder/original"  # speed relative to the builder's graph: > 1 is faster
+    for name in ("original", "optimized"):
+        for key, k in (("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")):
+            sp[f"ort_{name}_vs_builder_{key}"] = ratio(b, f"ort/{name}", k)
     tc = lm.config.text_config
     return {
         "model": args.model,
@@ -408,12 +430,17 @@ def summarize(args, lm, plan, cost, cost0, lat, acc, data) -> dict:
                     "ort_ge_1.2x_torch_original": (sp["ort_vs_torch_original_prefill"] or 0)
                     >= 1.2 if sp["ort_vs_torch_original_prefill"] else None,
                     "ort_ge_1.2x_hf_original": (sp["ort_vs_hf_original_prefill"] or 0)
-                    >= 1.2 if sp["ort_vs_hf_original_prefill"] else None},
+                    >= 1.2 if sp["ort_vs_hf_original_prefill"] else None,
+                    "ort_original_ge_0.95x_builder": None if sp["ort_original_vs_builder_prefill"]
+                    is None else sp["ort_original_vs_builder_prefill"] >= 0.95,
+                    "ort_optimized_vs_builder_prefill_over_ideal": None if
+                    sp["ort_optimized_vs_builder_prefill"] is None else
+                    sp["ort_optimized_vs_builder_prefill"] / ideal},
         "accuracy": acc, "data": data if acc else None,
         "notes": ["torch-hf/original: the transformers model's own forward + KV cache; "
                   "torch/* run the export forms (vlmopt.export_graph) eagerly: the computation "
                   "the ONNX graphs hold", "'+int8'/'+int4' share the fp32 prefill graph; only "
-                  "their decode graph is quantized"],
+                  "their decode graph is quantized", *notes],
         "host": {"cpus": os.cpu_count(), "onnxruntime": _ort_version()},
     }
 
@@ -442,6 +469,8 @@ def print_table(res: dict) -> None:
           f"{sp['ort_prefill_speedup'] or 0:.2f}x, PyTorch {sp['torch_prefill_speedup'] or 0:.2f}x;"
           f" FLOPs ratio {f['prefill_ratio']:.3f} -> ideal {f['ideal_prefill_speedup']:.2f}x; "
           f"measured/ideal {t['ort_prefill_speedup_over_ideal']:.2f} (target >= 0.8)")
+    for n in res["notes"][2:]:
+        print(f"note: {n}")
     if res["accuracy"]:
         for k, v in res["accuracy"].items():
             extra = (f"  decode agreement vs fp32 {v['decode_token_agreement_vs_fp32']:.3f}"

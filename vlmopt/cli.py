@@ -331,7 +331,8 @@ def cmd_apply(args) -> int:
         if not args.no_onnx:
             from vlmopt.emit import emit
 
-            manifest = emit(lm, gm, tmp, calib, quantize=args.quantize)
+            manifest = emit(lm, gm, tmp, calib, quantize=args.quantize,
+                            fuse=not args.no_fuse)
         _publish(tmp, out)
     except OSError as e:
         if dump is not None and e.filename and Path(e.filename).is_relative_to(dump):
@@ -478,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "builtin:synth-llava: builtin:synthvqa-calib; otherwise synthetic inputs)")
     a.add_argument("--quantize", choices=("int8", "int4"),
                    help="quantize the decode graph's weight MatMuls (ONNX Runtime)")
+    a.add_argument("--no-fuse", action="store_true", help="keep the exported graphs unfused")
     a.add_argument("--no-onnx", action="store_true", help="write plan and graph only")
     a.set_defaults(fn=cmd_apply)
 

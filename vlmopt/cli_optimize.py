@@ -54,7 +54,7 @@ def cmd_optimize(args) -> int:
                    search_samples=args.search_samples, finalists=args.finalists,
                    target_size=args.target_size,
                    eval_limit=args.eval_limit, tolerance=args.tolerance,
-                   emit=not args.no_emit)
+                   emit=not args.no_emit, fuse=not args.no_fuse)
     tty = sys.stderr.isatty()
     bar = None
     if tty:
@@ -149,5 +149,7 @@ def add_parser(sub) -> None:
                    help="plans re-measured on the whole calibration set (default 8)")
     o.add_argument("--eval-limit", type=positive("--eval-limit"))
     o.add_argument("--no-emit", action="store_true", help="skip the ONNX package")
+    o.add_argument("--no-fuse", action="store_true", help="keep the exported graphs unfused "
+                   "(default: fused ONNX Runtime contrib ops, vlmopt.emit_fuse)")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_optimize)

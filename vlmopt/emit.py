@@ -38,6 +38,7 @@ PARITY_TOKENS = 4  # greedy tokens generated per parity sample
 PARITY_SCREEN = 32  # calibration records screened for clear selection margins
 PARITY_MARGIN = 1e-5  # a greedy pick this far ahead of the runner-up cannot flip on rounding
 QUANTIZE = ("int8", "int4")
+FUSE = True  # fused contrib ops (vlmopt.emit_fuse) unless --no-fuse
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "processor_config.json", "preprocessor_config.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -365,9 +366,11 @@ def write_checksums(out: Path, manifest: dict) -> None:
 
 
 def emit(lm, gm: fx.GraphModule, out_dir: Path, calib_records: list, *,
-         quantize: str | None = None, parity_samples: int = 4) -> dict:
+         quantize: str | None = None, parity_samples: int = 4, fuse: bool = FUSE) -> dict:
     """Export ``gm`` into the existing empty directory ``out_dir``, check parity, return the
-    manifest. The caller owns the directory (temp dir + rename for nothing half-written)."""
+    manifest. The caller owns the directory (temp dir + rename for nothing half-written).
+    ``fuse``: rewrite both graphs onto ONNX Runtime's fused contrib ops (vlmopt.emit_fuse)
+    before parity is checked, so the check runs on the graphs that ship."""
     if quantize not in (None, *QUANTIZE):
         raise VlmoptError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     out = Path(out_dir)
@@ -387,9 +390,15 @@ def emit(lm, gm: fx.GraphModule, out_dir: Path, calib_records: list, *,
 
     # the quantize pass's QuantLinears become MatMulNBits before parity is checked
     lowered = {g: lower_quant_linears(gm, onnx_dir / f"{g}.onnx") for g in ("prefill", "decode")}
+    fusion = {"enabled": False}
+    if fuse:
+        from vlmopt.emit_fuse import fuse_artifact_graphs
+
+        fusion = fuse_artifact_graphs(onnx_dir)
     processor = copy_processor(lm.path, out / "processor") if lm.processor is not None else []
     manifest = build_manifest(lm, gm, out, processor)
     manifest["matmul_nbits_from_quantize_pass"] = lowered
+    manifest["fusion"] = fusion
     # NOTE: checksums last (hashing GBs twice is slow); the runtime needs only the graphs here
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     art = runtime.Artifact(out, verify=False)

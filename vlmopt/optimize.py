@@ -54,6 +54,7 @@ class Options:
     tolerance: float = 0.01  # G-Search: fidelity drop allowed per layer decision
     batch_size: int = 32
     emit: bool = True
+    fuse: bool = True  # fused ONNX Runtime contrib ops in the artifact (vlmopt.emit_fuse)
     extra: dict = field(default_factory=dict)
 
     def signature(self, fingerprint: str) -> dict:
@@ -429,7 +430,7 @@ def _publish(od: outdir.OutDir, opts: Options, lm, chosen, plan, result: dict, c
             if emit is not None:
                 say("exporting ONNX and checking parity")
                 (tmp / "artifact").mkdir()
-                manifest = emit(lm, chosen, tmp / "artifact", calib)
+                manifest = emit(lm, chosen, tmp / "artifact", calib, fuse=opts.fuse)
                 for p in (tmp / "artifact").iterdir():
                     p.rename(tmp / p.name)
                 (tmp / "artifact").rmdir()

@@ -1,6 +1,7 @@
 """Prefill latency on ONNX Runtime, for the report: the emitted artifact's prefill graph against
-the original model's, exported the same way (``emit.export_prefill``, same dynamic shapes), on
-the same batch, interleaved rounds, medians (as ``compare.prefill_latency`` does in PyTorch).
+the original model's, exported the same way (``emit.export_prefill``, same dynamic shapes, fused
+when the artifact is: vlmopt.emit_fuse), on the same batch, interleaved rounds, medians (as
+``compare.prefill_latency`` does in PyTorch).
 
 Dynamic-resolution graphs (Qwen-VL) run at batch 1: the batch's first sample is timed.
 """
@@ -48,6 +49,10 @@ def prefill_latency(artifact: Path, original: fx.GraphModule, chosen: fx.GraphMo
         path = Path(tmp) / "prefill.onnx"
         t0 = time.perf_counter()
         emit.export_prefill(original, batch, path)
+        if (art.manifest.get("fusion") or {}).get("enabled"):  # NOTE: like against like
+            from vlmopt.emit_fuse import fuse_graph
+
+            fuse_graph(path)
         log.info("exported the original prefill graph for timing in %.1f s",
                  time.perf_counter() - t0)
         sessions = {"original": runtime.session(path, "cpu", threads, spinning=False),
