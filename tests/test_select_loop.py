@@ -185,3 +185,21 @@ def test_optimize_searches_divprune_on_dynamic_resolution_models(qwen_dir):
     steps = sp.steps_of(Candidate((49, 49, 49), "divprune"))
     assert steps == [("select_visual", {"method": "divprune", "keep": 0.25})]  # a fraction
     assert sp.flops(steps)["ratio_llm"] < 1
+
+
+@pytest.mark.parametrize("scorer", ["text_mean", "last_query"])
+def test_a_drop_after_the_qwen_loop_exports(qwen_dir, scorer, tmp_path):
+    """A drop scored inside the LLM after DivPrune's Loop: its query count is a size the
+    exporter cannot reason about (unbacked), so the scorer must not branch on it."""
+    from vlmopt.emit import emit
+    from vlmopt.frontend.load import load
+
+    model, data = qwen_dir
+    lm = load(model)
+    steps = [*_select("divprune", 0.5),
+             {"name": "drop_tokens", "config": {"keep": {"layer_1": 0.5, "layer_2": 0.5},
+                                                "scorer": scorer}}]
+    gm = apply_plan(lm, plan_json(lm, steps))
+    (tmp_path / "art").mkdir()
+    manifest = emit(lm, gm, tmp_path / "art", load_records(str(data)))
+    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4

@@ -101,7 +101,9 @@ class AttnScore(nn.Module):
         k = k.repeat_interleave(H // KV, dim=1)  # [B, H, T, hd]
         logits = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [B, H, Tq, T]
         ok = attention_mask.bool()[:, None, None, :]  # padding keys are never attended
-        if Tq > 1:  # causal for the full-row mode
+        # NOTE: branch on the mode, not on Tq: after a data-dependent count (an exported Loop)
+        # Tq is an unbacked size and torch.export cannot decide ``Tq > 1``
+        if self.mode != "last":  # causal for the full-row mode (Tq == T)
             ok = ok & torch.ones(Tq, T, dtype=torch.bool, device=h.device).tril(T - Tq)
         p = logits.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
         if self.mode == "last":
