@@ -89,14 +89,18 @@ def main() -> int:
     if args.child:
         return _child(json.loads(args.child[0]), Path(args.child[1]))
 
-    results = []
+    results, failed = [], 0
     for target in args.targets:
         spec = {"model": args.model, "target": target, "scope": args.scope,
                 "strategy": args.strategy, "trials": args.trials,
                 "eval_limit": args.eval_limit, "emit": not args.no_emit}
         rc, data, peak = run_child(spec)
-        if data is None:
-            return rc or 1
+        if data is None:  # recorded, and the other targets still run (exit code: non-zero)
+            failed = rc or 1
+            results.append({"target": target, "scope": args.scope, "failed": True,
+                            "exit_code": failed})
+            print(f"\ntarget {target}: optimize failed (exit {failed}; its error is above)")
+            continue
         r, wall, parity = data["r"], data["wall"], data["parity"]
         rows = [m for m in r["methods"] if m.get("eval")]
         orig = next(m for m in rows if m["method"] == "original")["eval"]["accuracy"]
@@ -155,7 +159,7 @@ def main() -> int:
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return failed
 
 
 if __name__ == "__main__":
