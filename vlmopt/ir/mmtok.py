@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmopt.ir.select import _visual, to_slots
+from vlmopt.ir.received import undo_window_order
+from vlmopt.ir.select import _visual, repeat_loop, to_slots
 from vlmopt.ir.tokens import keep_count, visual_count
 
 
@@ -78,17 +79,7 @@ def coverage_step(chosen: torch.Tensor, best: torch.Tensor, C: torch.Tensor, pic
 
 def coverage_loop(chosen: torch.Tensor, best: torch.Tensor, C: torch.Tensor, n):
     """``n`` (int or SymInt) greedy picks as one ``torch.while_loop`` (an ONNX Loop)."""
-    stop = torch.full((), n, dtype=torch.int64, device=C.device)
-
-    def cond(i, chosen, best):
-        return i < stop
-
-    def body(i, chosen, best):
-        return (i + 1, *coverage_step(chosen, best, C))
-
-    i0 = torch.zeros((), dtype=torch.int64, device=C.device)
-    _, chosen, best = torch.while_loop(cond, body, (i0, chosen, best))
-    return chosen, best
+    return repeat_loop(lambda c, b: coverage_step(c, b, C), (chosen, best), n)
 
 
 class CoverageScore(nn.Module):
@@ -160,12 +151,7 @@ class QwenVisionPatches(nn.Module):
         h = out.last_hidden_state  # [N, Dv], window order on windowed towers
         unit = t.spatial_merge_size ** 2
         patches = h.reshape(h.shape[0] // unit, unit, -1).mean(1)
-        if hasattr(t, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window order
-            from transformers.vision_utils import get_vision_window_index
-
-            index, _ = get_vision_window_index(image_grid_thw, t.spatial_merge_size,
-                                               t.window_size, t.patch_size)
-            patches = patches[torch.argsort(index)]
+        patches = undo_window_order(t, patches, image_grid_thw)
         feats = (out.pooler_output, *out.deepstack_features) if self.n_deepstack else \
             (out.pooler_output,)
         return (*feats, patches)

@@ -37,6 +37,18 @@ def received_attention(attn: nn.Module, x: torch.Tensor, cos, sin, allowed: torc
     return recv.reshape(N // unit, unit).mean(-1)
 
 
+def undo_window_order(tower: nn.Module, x: torch.Tensor, grid_thw: torch.Tensor):
+    """Rows of x [M, ...], one per LLM token in a windowed tower's order (Qwen2.5-VL), back in
+    the LLM's raster order; other towers' rows are already in it."""
+    if not hasattr(tower, "fullatt_block_indexes"):
+        return x
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(grid_thw, tower.spatial_merge_size, tower.window_size,
+                                       tower.patch_size)
+    return x[torch.argsort(index)]
+
+
 class QwenVisionReceived(nn.Module):
     """The Qwen-VL tower as ``blocks.QwenVision``, plus the received attention per LLM token."""
 
@@ -64,12 +76,7 @@ class QwenVisionReceived(nn.Module):
         unit = t.spatial_merge_size ** 2
         recv = received_attention(t.blocks[-1].attn, t.blocks[-1].norm1(x), cos, sin, allowed,
                                   unit)
-        if hasattr(t, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window order
-            from transformers.vision_utils import get_vision_window_index
-
-            index, _ = get_vision_window_index(image_grid_thw, t.spatial_merge_size,
-                                               t.window_size, t.patch_size)
-            recv = recv[torch.argsort(index)]
+        recv = undo_window_order(t, recv, image_grid_thw)
         feats = (out.pooler_output, *out.deepstack_features) if self.n_deepstack else \
             (out.pooler_output,)
         return (*feats, recv)

@@ -225,20 +225,25 @@ def greedy_step(chosen: torch.Tensor, mind: torch.Tensor, dist: torch.Tensor, pi
     return chosen, mind
 
 
-def greedy_loop(chosen: torch.Tensor, mind: torch.Tensor, dist: torch.Tensor, n):
-    """``n`` (an int, or a SymInt from a shape) greedy picks as one ``torch.while_loop``: the
-    ONNX exporter lowers it to a ``Loop`` whose body is one ``greedy_step``."""
-    stop = torch.full((), n, dtype=torch.int64, device=mind.device)  # [] trip count
+def repeat_loop(step, state: tuple, n) -> tuple:
+    """``state = step(*state)`` ``n`` times (an int, or a SymInt from a shape) as one
+    ``torch.while_loop``: the ONNX exporter lowers it to a ``Loop`` whose body is one step."""
+    device = state[0].device
+    stop = torch.full((), n, dtype=torch.int64, device=device)  # [] trip count
 
-    def cond(i, chosen, mind):
+    def cond(i, *s):
         return i < stop
 
-    def body(i, chosen, mind):
-        return (i + 1, *greedy_step(chosen, mind, dist))
+    def body(i, *s):
+        return (i + 1, *step(*s))
 
-    i0 = torch.zeros((), dtype=torch.int64, device=mind.device)
-    _, chosen, mind = torch.while_loop(cond, body, (i0, chosen, mind))
-    return chosen, mind
+    i0 = torch.zeros((), dtype=torch.int64, device=device)
+    return tuple(torch.while_loop(cond, body, (i0, *state))[1:])
+
+
+def greedy_loop(chosen: torch.Tensor, mind: torch.Tensor, dist: torch.Tensor, n):
+    """``n`` greedy max-min picks (``greedy_step``) as one ONNX Loop (``repeat_loop``)."""
+    return repeat_loop(lambda c, m: greedy_step(c, m, dist), (chosen, mind), n)
 
 
 def pool_slots(side: int, g: int) -> list[int]:
