@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_config
+from helpers import make_tiny_config, make_tiny_qwen_dir
 
 from vlmopt import bench_builder as bb
 
@@ -29,9 +29,12 @@ def test_builder_row_is_skipped_with_a_note_when_onnxruntime_genai_is_absent(
     assert f"note: {bb.SKIP_NOTE}" in capsys.readouterr().out
 
 
-def test_builder_row_is_skipped_for_a_family_it_does_not_cover(loaded_tiny, monkeypatch):
-    monkeypatch.setattr(loaded_tiny.config, "model_type", "qwen2_5_vl")
-    assert "LLaVA-style" in bb.unsupported(loaded_tiny)
+def test_builder_row_is_skipped_for_a_family_it_does_not_cover(loaded_tiny, tmp_path):
+    from vlmopt.frontend.load import load
+
+    assert bb.unsupported(loaded_tiny) is None
+    qwen = load(make_tiny_qwen_dir(tmp_path / "qwen"))
+    assert "M-RoPE" in bb.unsupported(qwen)  # told by the adapter, not by a family name
 
 
 @pytest.mark.skipif(not bb.available(), reason="onnxruntime-genai is not installed")

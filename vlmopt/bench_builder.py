@@ -39,9 +39,9 @@ def available() -> bool:
 
 def unsupported(lm) -> str | None:
     """Why the builder row cannot be made for ``lm`` (None: it can)."""
-    if getattr(lm.config, "model_type", None) != "llava":
-        return (f"{ROW}: skipped, the builder row is made for LLaVA-style checkpoints "
-                f"(this is {getattr(lm.config, 'model_type', '?')})")
+    if lm.adapter.position_rows != 1:  # the builder's decoders take one row of positions
+        return (f"{ROW}: skipped, the builder row needs a decoder with 1-D positions "
+                f"({lm.adapter.family} uses {lm.adapter.position_rows} rows: M-RoPE)")
     return None
 
 
@@ -53,8 +53,9 @@ def save_decoder(lm, dst: Path) -> Path:
     tc = lm.config.text_config
     with torch.device("meta"):
         causal = AutoModelForCausalLM.from_config(tc)
-    sd = {f"model.{k}": v for k, v in lm.model.model.language_model.state_dict().items()}
-    sd.update({f"lm_head.{k}": v for k, v in lm.model.lm_head.state_dict().items()})
+    a = lm.adapter
+    sd = {f"model.{k}": v for k, v in a.lm.state_dict().items()}
+    sd.update({f"lm_head.{k}": v for k, v in a.lm_head.state_dict().items()})
     causal.load_state_dict(sd, assign=True, strict=True)  # NOTE: shares the tensors, no copy
     causal.config.architectures = [type(causal).__name__]
     causal.save_pretrained(dst, safe_serialization=True)
