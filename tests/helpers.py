@@ -253,3 +253,20 @@ def write_mixed_size_data(src_jsonl: Path, out: Path, sizes=((112, 112), (96, 12
         lines.append(json.dumps(rec))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n")
     return out / "data.jsonl"
+
+
+def clearest_per_size(lm, gm, data) -> dict:
+    """{visual tokens: (decision margin, batch)}: per image size of the dataset at ``data``,
+    the record whose selection picks win clearest (vlmopt.emit.decision_margins)."""
+    from vlmopt import emit, inputs
+    from vlmopt.data.dataset import load_records
+    from vlmopt.ir.capture import complete_inputs
+
+    seen: dict = {}
+    for r in load_records(str(data)):
+        batch = complete_inputs(inputs.encode(lm.processor, [r.prompt], [r.load_image()]))
+        n = int(batch["image_grid_thw"].prod()) // 4
+        m = float(emit.decision_margins(gm, batch)[0])
+        if m > seen.get(n, (-1.0,))[0]:
+            seen[n] = (m, batch)
+    return seen

@@ -16,6 +16,7 @@ import torch
 from artifacts import plan_json
 from helpers import (
     build_tiny_qwen,
+    clearest_per_size,
     make_tiny_qwen_dir,
     qwen_batch,
     record_modules,
@@ -361,13 +362,7 @@ def test_one_qwen_artifact_selects_mmtok_fractions_like_pytorch(tmp_path):
     assert main(["apply", str(plan), str(model), "--out", str(out), "--calib", str(data)]) == 0
     gm = apply_plan(lm, plan_json(lm, passes))
     art = Artifact(out)
-    seen = {}
-    for r in load_records(str(data)):  # per image size, the record whose picks win clearest
-        batch = complete_inputs(inputs.encode(lm.processor, [r.prompt], [r.load_image()]))
-        n = int(batch["image_grid_thw"].prod()) // 4
-        m = float(emit.decision_margins(gm, batch)[0])
-        if m > seen.get(n, (-1.0,))[0]:
-            seen[n] = (m, batch)
+    seen = clearest_per_size(lm, gm, data)
     assert len(seen) == 2, sorted(seen)
     for n, (m, batch) in sorted(seen.items()):
         assert m >= emit.PARITY_MARGIN, f"{n} tokens: no record with a clear margin ({m})"

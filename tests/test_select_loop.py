@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from artifacts import plan_json
-from helpers import make_tiny_qwen_dir, write_mixed_size_data
+from helpers import clearest_per_size, make_tiny_qwen_dir, write_mixed_size_data
 
 from vlmopt import emit
 from vlmopt.api import apply_plan, capture
@@ -143,8 +143,6 @@ def qwen_dir(tmp_path_factory):
 def test_one_qwen_artifact_selects_a_fraction_of_each_image_like_pytorch(qwen_dir, tmp_path):
     from vlmopt.cli import main
     from vlmopt.frontend.load import load
-    from vlmopt.inputs import encode
-    from vlmopt.ir.capture import complete_inputs
     from vlmopt.runtime import Artifact
 
     model, data = qwen_dir
@@ -158,13 +156,7 @@ def test_one_qwen_artifact_selects_a_fraction_of_each_image_like_pytorch(qwen_di
     assert manifest["image"]["dynamic"] and manifest["parity"]["max_abs_logit_diff"] <= 1e-4
     gm = apply_plan(lm, plan_json(lm, passes))
     art = Artifact(out)
-    seen = {}
-    for r in load_records(str(data)):  # per image size, the record whose picks win clearest
-        batch = complete_inputs(encode(lm.processor, [r.prompt], [r.load_image()]))
-        n = int(batch["image_grid_thw"].prod()) // 4
-        m = float(emit.decision_margins(gm, batch)[0])
-        if m > seen.get(n, (-1.0,))[0]:
-            seen[n] = (m, batch)
+    seen = clearest_per_size(lm, gm, data)
     assert len(seen) == 2, sorted(seen)
     for n, (m, batch) in sorted(seen.items()):
         assert m >= emit.PARITY_MARGIN, f"{n} tokens: no record with a clear margin ({m})"
