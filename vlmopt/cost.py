@@ -427,13 +427,13 @@ def measure_prefill_breakdown(model: torch.nn.Module, batch: dict, *,
     out: dict[str, int] = {}
     for mod, counts in fc.get_flop_counts().items():
         n = sum(counts.values())
-        if mod.endswith(".vision_tower") or mod.endswith(".visual"):
+        if mod.endswith((".vision_tower", ".visual", ".vision_model")):
             out["vision"] = n
-        elif mod.endswith(".multi_modal_projector"):
+        elif mod.endswith((".multi_modal_projector", ".connector")):
             out["project"] = n
         elif mod.endswith(".lm_head"):
             out["head"] = n
-        elif m := re.search(r"\.language_model\.layers\.(\d+)$", mod):
+        elif m := re.search(r"\.(?:language|text)_model\.layers\.(\d+)$", mod):
             out[f"layer_{m.group(1)}"] = n
     total = fc.get_total_flops()
     out["other"] = total - sum(out.values())

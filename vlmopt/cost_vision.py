@@ -182,3 +182,55 @@ class QwenTower(Tower):
     def select_flops(self, op: str, grids) -> int | None:
         # VisionZip's score on this CLS-free tower: the last block's qkv and q.k^T again
         return received_attention_flops(self.vc, grids) if op == "received_attention" else None
+
+
+class TileTower(Tower):
+    """``vlmopt.cost.Tower`` of Idefics3 / SmolVLM: a SigLIP-like ViT run once per S x S tile,
+    then the connector (pixel shuffle by ``scale`` and one linear without bias) into the LLM.
+    ``grids``: one (n_tiles, S/p, S/p) per image. FLOPs as FlopCounterMode counts them: the
+    patch conv and the linears without bias adds, SDPA over each tile's full score matrix (the
+    pixel mask masks, it does not shorten); norms, GELU and position embeddings are free."""
+
+    def __init__(self, d: int, m: int, depth: int, patch: int, channels: int, side: int,
+                 scale: int, out: int, num_positions: int):
+        self.d, self.m, self.depth, self.patch, self.channels = d, m, depth, patch, channels
+        self.side, self.scale, self.out, self.num_positions = side, scale, out, num_positions
+
+    @classmethod
+    def from_config(cls, config) -> TileTower:
+        vc = config.vision_config
+        side = vc.image_size // vc.patch_size
+        scale = int(config.scale_factor)
+        if side % scale:
+            raise ValueError(f"vision_config: {side} patches a side do not pixel-shuffle by "
+                             f"scale_factor={scale}")
+        return cls(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.patch_size,
+                   vc.num_channels, side, scale, config.text_config.hidden_size, side * side)
+
+    def _tiles(self, grids) -> int:
+        n = 0
+        for g in grids:
+            t, h, w = (int(x) for x in g)
+            if t < 1 or (h, w) != (self.side, self.side):
+                raise ValueError(f"grid {tuple(g)}: expected (n_tiles >= 1, {self.side}, "
+                                 f"{self.side})")
+            n += t
+        return n
+
+    def n_llm_tokens(self, grids) -> int:
+        return self._tiles(grids) * (self.side // self.scale) ** 2
+
+    def breakdown(self, grids) -> dict[str, int]:
+        tiles, n, d = self._tiles(grids), self.side ** 2, self.d
+        conv = n * d * self.channels * self.patch ** 2
+        layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * self.m
+        vision = 2 * tiles * (conv + self.depth * layer)
+        merger = 2 * self.n_llm_tokens(grids) * d * self.scale ** 2 * self.out
+        return {"vision": vision, "merger": merger, "total": vision + merger}
+
+    def param_bytes(self, bytes_per_el: int) -> tuple[int, int]:
+        d, m = self.d, self.m
+        layer = 4 * (d * d + d) + 2 * 2 * d + (d * m + m) + (m * d + d)  # attn, 2 LN, MLP
+        vision = (d * self.channels * self.patch ** 2 + d + self.num_positions * d
+                  + self.depth * layer + 2 * d)  # conv, positions, layers, post-LN
+        return vision * bytes_per_el, d * self.scale ** 2 * self.out * bytes_per_el

@@ -26,7 +26,8 @@ def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str
 
     Returns input_ids/attention_mask/position_ids [B, T] and pixel_values [B, 3, H, W]; for
     families with dynamic resolution the processor's own layout (Qwen-VL: patches [N, C*tp*p*p],
-    ``image_grid_thw`` [n_images, 3], M-RoPE position ids [3, B, T] from the model).
+    ``image_grid_thw`` [n_images, 3], M-RoPE position ids [3, B, T] from the model; Idefics3 /
+    SmolVLM: tiles [B, n_tiles, 3, S, S] and ``pixel_attention_mask`` [B, n_tiles, S, S]).
     """
     if processor is None:
         raise VlmoptError("this checkpoint has no processor files; cannot encode prompts")
@@ -41,8 +42,9 @@ def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0) if pos is None else pos,
         "pixel_values": enc["pixel_values"].float(),
     }
-    if "image_grid_thw" in enc:
-        out["image_grid_thw"] = enc["image_grid_thw"]
+    for k in ("image_grid_thw", "pixel_attention_mask"):  # family inputs (Qwen-VL, Idefics3)
+        if k in enc:
+            out[k] = enc[k]
     return out
 
 

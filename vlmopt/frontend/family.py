@@ -31,8 +31,6 @@ NOT_YET = {
     "gemma3": "Gemma 3",
     "paligemma": "PaliGemma",
     "internvl": "InternVL",
-    "idefics3": "Idefics3",
-    "smolvlm": "SmolVLM",
     "mllama": "Llama 3.2 Vision",
 }
 

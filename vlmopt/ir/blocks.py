@@ -186,3 +186,36 @@ class Head(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden[:, -1:, :])[:, 0]
+
+
+class TileVision(nn.Module):
+    """Idefics3 / SmolVLM tower + connector: (pixel_values [B, n, 3, S, S], pixel_attention_mask
+    [B, n, S, S]) -> LLM embeddings of every real tile's tokens in prompt order [Nv_total, D].
+
+    The same ops, in the same order, as the model's ``get_image_features``: all-zero tiles are
+    the processor's batch padding and are skipped (SmolVLM keeps the first tile if all are);
+    under ``torch.export`` (batch 1, where the processor pads nothing) the skip is left out,
+    because the number of real tiles is data-dependent."""
+
+    def __init__(self, tower: nn.Module, connector: nn.Module, patch_size: int,
+                 keep_one: bool = False):
+        super().__init__()
+        self.tower, self.connector = tower, connector
+        self.patch_size, self.keep_one = patch_size, keep_one
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
+        B, n = pixel_values.shape[:2]
+        pv = pixel_values.to(dtype=self.tower.dtype)
+        pv = pv.view(B * n, *pv.shape[2:])
+        pam = pixel_attention_mask.view(B * n, *pixel_attention_mask.shape[2:])
+        if not torch.compiler.is_exporting():
+            real = (pv == 0.0).sum(dim=(-1, -2, -3)) != pv.shape[1:].numel()
+            if self.keep_one:
+                real[0] |= ~torch.any(real)
+            pv, pam = pv[real].contiguous(), pam[real].contiguous()
+        p = self.patch_size
+        sub = pam.unfold(dimension=1, size=p, step=p).unfold(dimension=2, size=p, step=p)
+        patch_mask = (sub.sum(dim=(-1, -2)) > 0).bool()
+        out = self.tower(pixel_values=pv, patch_attention_mask=patch_mask, return_dict=True)
+        feats = self.connector(out.last_hidden_state)  # [n_real, tokens_per_tile, D]
+        return feats.reshape(-1, feats.shape[-1])

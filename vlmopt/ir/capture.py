@@ -25,7 +25,8 @@ from vlmopt.frontend.load import LoadedModel, adapter_for
 from vlmopt.ir import blocks
 
 INPUTS = ("input_ids", "pixel_values", "attention_mask", "position_ids")
-EXTRA_INPUTS = ("image_grid_thw",)  # inputs some families add (vlmopt.frontend adapters)
+# inputs some families add (vlmopt.frontend adapters): Qwen-VL grids, Idefics3 pixel mask
+EXTRA_INPUTS = ("image_grid_thw", "pixel_attention_mask")
 
 
 def _tag(node: fx.Node, block: str, **info) -> fx.Node:
@@ -147,9 +148,12 @@ def complete_inputs(batch: dict) -> dict:
         pos = (amask.cumsum(-1) - 1).clamp(min=0)
     out = {"input_ids": ids, "pixel_values": batch["pixel_values"],
            "attention_mask": amask, "position_ids": pos}
-    for k in EXTRA_INPUTS:  # family inputs (Qwen-VL's image grids)
+    for k in EXTRA_INPUTS:  # family inputs (Qwen-VL's image grids, Idefics3's pixel mask)
         if k in batch:
             out[k] = batch[k]
+    pix = out["pixel_values"]
+    if pix.dim() == 5 and "pixel_attention_mask" not in out:  # tiles: none of it is padding
+        out["pixel_attention_mask"] = torch.ones(pix.shape[:2] + pix.shape[3:], dtype=torch.long)
     return out
 
 

@@ -1,0 +1,63 @@
+"""Idefics3 / SmolVLM family: tiles + pixel shuffle connector, a Llama decoder (vlmopt.frontend
+.idefics3). Tiny random-weight checkpoints built here (tests/helpers_tiles.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers_tiles import make_tiny_dir
+from PIL import Image
+
+from vlmopt import inputs
+from vlmopt.frontend.load import load, model_shapes
+from vlmopt.ir.capture import capture, graph_runner
+
+SIZES = [(50, 70), (30, 30), (97, 41)]  # odd sizes: 4x4, 4x4 and 4x2 tiles + the global one
+
+
+def _images(sizes=SIZES, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def tiny(request, tmp_path_factory):
+    return load(make_tiny_dir(tmp_path_factory.mktemp(request.param), request.param))
+
+
+def _batch(lm, sizes=SIZES):
+    prompts = [f"what colour is the shape {'?' * i} <image>" for i in range(len(sizes))]
+    return inputs.encode(lm.processor, prompts, _images(sizes))
+
+
+def test_identity_plan_is_bit_exact_with_padded_tiles(tiny):
+    b = _batch(tiny)
+    n = b["pixel_values"].shape[1]
+    assert (b["pixel_values"][2, n - 1] == 0).all()  # sample 2 has fewer tiles: padding
+    with torch.no_grad():
+        ref = tiny.model(**b, logits_to_keep=1).logits[:, -1]
+        got = graph_runner(capture(tiny))(b)
+    assert torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cost_model_matches_flop_counter(tiny, size):
+    from vlmopt import cost
+
+    b = _batch(tiny, [size])
+    grids = type(tiny.adapter).image_grids(tiny.path, tiny.config, *size)
+    s = model_shapes(tiny.config, grids=grids)
+    assert s.n_visual == int((b["input_ids"] == tiny.adapter.image_token_id).sum())
+    n_text = int(b["input_ids"].shape[1]) - s.n_visual
+    analytic = cost.prefill_flops(s, cost.baseline_layers(s, n_text))
+    measured = cost.measure_prefill_breakdown(tiny.model, b, fake=False)
+    for k in ("vision", "project", "layer_0", "layer_1", "head", "total"):
+        assert measured[k] == analytic[k], (k, measured, analytic)
+
+
+def test_cost_model_counts_every_parameter(tiny):
+    from vlmopt import cost
+
+    wb = cost.weight_bytes(model_shapes(tiny.config), bytes_per_el=4)
+    assert wb["total"] == 4 * sum(p.numel() for p in tiny.model.parameters())
