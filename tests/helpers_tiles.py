@@ -16,7 +16,7 @@ CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
-TILE, PATCH, SCALE = 32, 8, 2  # tower input side, patch, pixel-shuffle scale: 4 tokens a tile
+TILE, PATCH, SCALE = 64, 8, 2  # tower input side, patch, pixel-shuffle scale: 16 tokens a tile
 
 
 def vocabulary() -> list[str]:

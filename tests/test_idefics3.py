@@ -13,7 +13,7 @@ from vlmopt import inputs
 from vlmopt.frontend.load import load, model_shapes
 from vlmopt.ir.capture import capture, graph_runner
 
-SIZES = [(50, 70), (30, 30), (97, 41)]  # odd sizes: 4x4, 4x4 and 4x2 tiles + the global one
+SIZES = [(50, 70), (30, 30), (97, 41)]  # odd sizes: 3x4, 4x4 and 4x2 tiles + the global one
 
 
 def _images(sizes=SIZES, seed=0):
@@ -61,3 +61,40 @@ def test_cost_model_counts_every_parameter(tiny):
 
     wb = cost.weight_bytes(model_shapes(tiny.config), bytes_per_el=4)
     assert wb["total"] == 4 * sum(p.numel() for p in tiny.model.parameters())
+
+
+# ------------------------------------------------------------------ torch-free preprocessing
+
+ODD = [(50, 70), (30, 30), (97, 41), (7, 300), (129, 128), (32, 32), (33, 31)]
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("size", ODD)
+def test_numpy_preprocessing_matches_the_image_processor(tiny, size, split):
+    from vlmopt import preprocess_idefics3 as pi
+
+    ip = tiny.processor.image_processor
+    cfg = pi.image_config(tiny.path)
+    if not split:
+        cfg = pi.TileImageConfig(**{**cfg.__dict__, "do_image_splitting": False})
+    im = _images([size], seed=sum(size))[0]
+    ref = ip(images=[[im]], return_tensors="np", return_row_col_info=True,
+             do_image_splitting=split)
+    tiles, mask, rows, cols = pi.pixels(im, cfg)
+    assert tiles.dtype == np.float32 and np.array_equal(tiles, ref["pixel_values"][0])
+    assert np.array_equal(mask, ref["pixel_attention_mask"][0])
+    assert (rows, cols) == (ref["rows"][0][0], ref["cols"][0][0])
+    assert pi.tiles_for_size(*size, cfg) == len(tiles)
+
+
+@pytest.mark.parametrize("size", ODD[:4])
+def test_image_prompt_is_the_processors(tiny, size):
+    from vlmopt import preprocess_idefics3 as pi
+
+    im = _images([size])[0]
+    text = "what colour is the shape ? <image>"
+    ref = tiny.processor(text=[text], images=[[im]], return_tensors="np")["input_ids"][0]
+    _, _, rows, cols = pi.pixels(im, pi.image_config(tiny.path))
+    mine = text.replace("<image>", pi.image_prompt(rows, cols, tiny.adapter.tokens_per_tile))
+    ids = tiny.processor.tokenizer(mine, return_tensors="np")["input_ids"][0]
+    assert np.array_equal(ids, ref)

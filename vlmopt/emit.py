@@ -69,39 +69,32 @@ def layout_names(gm: fx.GraphModule) -> tuple[str, ...]:
 
 
 def export_feeds(gm: fx.GraphModule, batch: dict) -> dict[str, torch.Tensor]:
-    """The prefill graph's inputs for a graph batch: the image grids become layout tensors."""
+    """The prefill graph's inputs for a graph batch, plus the family's layout inputs (Qwen-VL:
+    tensors from the image grids; Idefics3: the tiles' pixel mask)."""
     feeds = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
                                    "position_ids")}  # NOTE: the graphs' input order
     if dynamic(gm):
-        from vlmopt.export_vision import layout_tensors
+        from vlmopt.frontend.family import adapter_of_graph
 
-        feeds.update(layout_tensors(gm.meta["vlmopt"]["layout"], batch["image_grid_thw"]))
+        meta = gm.meta["vlmopt"]
+        feeds.update(adapter_of_graph(meta).layout_inputs(meta["layout"], batch))
     return feeds
 
 
 def _synthetic_dynamic(gm: fx.GraphModule, vocab: int, n_text: int, seed: int) -> dict:
-    """One prompt around one image of the reference grid, M-RoPE positions from the layout."""
-    from vlmopt import qwen_layout
+    """One prompt around one reference image, as the family builds its inputs."""
+    from vlmopt.frontend.family import adapter_of_graph
 
     meta = gm.meta["vlmopt"]
-    v = meta["vision_example"]
+    family = adapter_of_graph(meta)
     g = torch.Generator().manual_seed(seed)
-    nv, img = example_tokens(v), meta["image_token_id"]
+    nv, img = family.example_visual_tokens(meta["vision_example"]), meta["image_token_id"]
     ids = torch.randint(5, vocab, (n_text,), generator=g)
     ids[ids == img] = 5
     ids = torch.cat([ids[:2], torch.full((nv,), img), ids[2:]])[None]
     amask = torch.ones_like(ids)
-    grids = torch.tensor([v["grid"]])
-    pos = qwen_layout.mrope_positions(ids.numpy(), amask.numpy(), grids.numpy(), img, v["merge"])
-    t, h, w = v["grid"]
-    return {"input_ids": ids, "attention_mask": amask, "position_ids": torch.from_numpy(pos),
-            "pixel_values": torch.randn(t * h * w, v["patch_dim"], generator=g),
-            "image_grid_thw": grids}
-
-
-def example_tokens(v: dict) -> int:
-    t, h, w = v["grid"]
-    return t * h * w // v["merge"] ** 2
+    return {"input_ids": ids, "attention_mask": amask,
+            **family.example_inputs(meta["vision_example"], ids, amask, img, g)}
 
 
 def synthetic_batch(gm: fx.GraphModule, vocab: int, n: int = 2, n_text: int = 8,
@@ -213,13 +206,11 @@ def export_prefill(gm: fx.GraphModule, batch: dict, path: Path) -> tuple:
     ds = {"input_ids": {0: B, 1: S}, "pixel_values": {0: B}, "attention_mask": {0: B, 1: S},
           "position_ids": {0: B, 1: S}}
     feeds = export_feeds(gm, batch)
-    if dynamic(gm):  # batch 1; patches = merge^2 x the LLM's visual tokens
-        M = torch.export.Dim("visual_tokens", min=1, max=1 << 16)
-        N = pf.unit * M
-        ds = {"input_ids": {1: S}, "pixel_values": {0: N}, "attention_mask": {1: S},
-              "position_ids": {2: S}, "vision_pos": {0: N}, "frame_seg": {0: N},
-              "window_index": {0: M}, "window_seg": {0: N}, "interp_idx": {0: N},
-              "interp_w": {0: N}}
+    if dynamic(gm):  # batch 1; the family's own dimensions
+        from vlmopt.frontend.family import adapter_of_graph
+
+        meta = gm.meta["vlmopt"]
+        ds = adapter_of_graph(meta).export_dims(meta["vision_example"], S, pf.unit)
         ds = {k: v for k, v in ds.items() if k in feeds}
     with torch.no_grad():
         _export(pf, (), feeds, ds, names["prefill_in"], names["prefill_out"], path)

@@ -138,8 +138,8 @@ class PrefillForm(nn.Module):
         for n in decoder_nodes(gm):
             _check_decoder(gm.get_submodule(n.target), n.name)
         self.dynamic = gm.meta["vlmopt"]["n_visual"] is None
-        self.vision = None
-        if self.dynamic:
+        self.vision, self.unit = None, None
+        if self.dynamic and gm.meta["vlmopt"].get("position_rows", 1) == 3:  # Qwen-VL
             from vlmopt.export_vision import QwenVisionExport
             from vlmopt.ir.mmtok import QwenVisionPatches
             from vlmopt.ir.received import QwenVisionReceived
@@ -154,16 +154,17 @@ class PrefillForm(nn.Module):
 
     def forward(self, input_ids, pixel_values, attention_mask, position_ids, vision_pos=None,
                 frame_seg=None, window_index=None, window_seg=None, interp_idx=None,
-                interp_w=None):
+                interp_w=None, pixel_attention_mask=None):
         feeds = {"input_ids": input_ids, "pixel_values": pixel_values,
                  "attention_mask": attention_mask, "position_ids": position_ids,
-                 "image_grid_thw": None}
+                 "image_grid_thw": None, "pixel_attention_mask": pixel_attention_mask}
         layout = {k: v for k, v in (("vision_pos", vision_pos), ("frame_seg", frame_seg),
                                     ("window_index", window_index), ("window_seg", window_seg),
                                     ("interp_idx", interp_idx), ("interp_w", interp_w))
                   if v is not None}
-        # NOTE: batch 1 with dynamic resolution: the visual tokens of the prompt, a shape
-        n_cur = pixel_values.shape[0] // self.unit if self.dynamic else None
+        # NOTE: batch 1 with dynamic resolution: the visual tokens of the prompt, a shape (from
+        # the pixel rows on Qwen-VL, else from the vision node's output rows)
+        n_cur = pixel_values.shape[0] // self.unit if self.unit else None
         env: dict[fx.Node, object] = {}
         present: list[torch.Tensor] = []
 
@@ -186,6 +187,10 @@ class PrefillForm(nn.Module):
                     env[n] = None
                 elif blk == "vision" and self.vision is not None:
                     env[n] = self.vision(pixel_values, **layout)
+                elif blk == "vision" and self.dynamic:
+                    env[n] = mod(*val(n.args), **val(n.kwargs))
+                    out = env[n][0] if isinstance(env[n], tuple) else env[n]
+                    n_cur = out.shape[0]  # [Nv_total, D] at batch 1
                 elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore, DartScore,
                                                        CoverageScore)):
                     mod.n_visual = n_cur  # the symbolic count, for this call only

@@ -3,7 +3,7 @@ the original model's, exported the same way (``emit.export_prefill``, same dynam
 when the artifact is: vlmopt.emit_fuse), on the same batch, interleaved rounds, medians (as
 ``compare.prefill_latency`` does in PyTorch).
 
-Dynamic-resolution graphs (Qwen-VL) run at batch 1: the batch's first sample is timed.
+Dynamic-resolution graphs (Qwen-VL, Idefics3) run at batch 1: the batch's first sample is timed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def first_sample(batch: dict) -> dict:
         grids = batch["image_grid_thw"]
         out["pixel_values"] = batch["pixel_values"][:int(grids[0].prod())]
         out["image_grid_thw"] = grids[:1]
+    elif "pixel_attention_mask" in batch:  # tiles: sample 0's real ones (padding is all-zero)
+        pix = batch["pixel_values"][:1]
+        real = pix[0].flatten(1).ne(0).any(-1)
+        out["pixel_values"] = pix[:, real]
+        out["pixel_attention_mask"] = batch["pixel_attention_mask"][:1, real]
     else:
         out["pixel_values"] = batch["pixel_values"][:1]
     return out

@@ -35,6 +35,11 @@ NOT_YET = {
 }
 
 
+def adapter_of_graph(meta: dict) -> type[Adapter]:
+    """The adapter class of a captured graph, from its ``gm.meta["vlmopt"]``."""
+    return adapter_class({"model_type": meta["model_type"]}, "graph")
+
+
 def register_family(cls: type[Adapter]) -> type[Adapter]:
     for t in cls.model_types:
         if t in FAMILIES:
@@ -115,6 +120,30 @@ class Adapter:
         """The patch grids of one ``height`` x ``width`` image as the checkpoint's own image
         processor sizes it (dynamic-resolution families only)."""
         raise NotImplementedError(f"{cls.family}: fixed resolution, no image grids")
+
+    # -- dynamic resolution: the reference input and the export (``vision_example`` dicts) ----
+    @classmethod
+    def example_visual_tokens(cls, v: dict) -> int:
+        """LLM visual tokens of one image of the reference input ``v`` (``vision_example``)."""
+        raise NotImplementedError(f"{cls.family}: fixed resolution, no reference input")
+
+    @classmethod
+    def example_inputs(cls, v: dict, ids: torch.Tensor, amask: torch.Tensor,
+                       image_token_id: int, generator=None) -> dict:
+        """The vision inputs and position ids of ``ids`` [B, T] (one reference image a row);
+        ``generator``: random pixels from it, else ones (zeros may read as padding)."""
+        raise NotImplementedError(f"{cls.family}: fixed resolution, no reference input")
+
+    @classmethod
+    def export_dims(cls, v: dict, prompt_len, unit: int | None) -> dict:
+        """``torch.export`` dynamic shapes of the batch-1 prefill's inputs (prompt length
+        ``prompt_len``; ``unit``: pixel rows per LLM visual token where the family has it)."""
+        raise NotImplementedError(f"{cls.family}: fixed resolution, exported at any batch")
+
+    @classmethod
+    def layout_inputs(cls, spec: dict, batch: dict) -> dict:
+        """The prefill graph's inputs beyond the common four, from an encoded batch."""
+        return {k: batch[k] for k in spec.get("inputs", [])}
 
     # -- parts (every family has them; names differ) ---------------------------------------
     @property

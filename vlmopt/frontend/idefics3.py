@@ -153,7 +153,30 @@ class Idefics3Adapter(Adapter):
                 "channels": int(v.num_channels), "tokens_per_tile": self.tokens_per_tile}
 
     def layout_spec(self) -> dict:
-        return {"kind": "tiles", "inputs": []}  # no layout inputs beyond the pixel mask
+        """The prefill graph's inputs beyond the common four: the tiles' pixel mask."""
+        return {"kind": "tiles", "inputs": ["pixel_attention_mask"],
+                "tokens_per_tile": self.tokens_per_tile, "size": int(self.vision_config.image_size)}
+
+    @classmethod
+    def example_visual_tokens(cls, v: dict) -> int:
+        return v["tiles"] * v["tokens_per_tile"]
+
+    @classmethod
+    def example_inputs(cls, v, ids, amask, image_token_id, generator=None) -> dict:
+        B, n, S = ids.shape[0], v["tiles"], v["size"]
+        shape = (B, n, v["channels"], S, S)
+        pix = torch.randn(*shape, generator=generator) if generator is not None else \
+            torch.ones(shape)  # NOTE: all-zero tiles are the processor's padding
+        return {"pixel_values": pix,
+                "pixel_attention_mask": torch.ones(B, n, S, S, dtype=torch.long),
+                "position_ids": (amask.cumsum(-1) - 1).clamp(min=0)}
+
+    @classmethod
+    def export_dims(cls, v: dict, prompt_len, unit: int | None) -> dict:
+        tiles = torch.export.Dim("tiles", min=1, max=1 << 10)
+        return {"input_ids": {1: prompt_len}, "pixel_values": {1: tiles},
+                "pixel_attention_mask": {1: tiles}, "attention_mask": {1: prompt_len},
+                "position_ids": {1: prompt_len}}
 
     def default_positions(self, batch: dict) -> torch.Tensor:
         amask = batch["attention_mask"]

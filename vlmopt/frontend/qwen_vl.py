@@ -117,6 +117,41 @@ class QwenVLAdapter(Adapter):
         return {"grid": [1, 4 * self.merge_size, 4 * self.merge_size], "merge": self.merge_size,
                 "patch_dim": v.in_channels * v.temporal_patch_size * v.patch_size ** 2}
 
+    @classmethod
+    def example_visual_tokens(cls, v: dict) -> int:
+        t, h, w = v["grid"]
+        return t * h * w // v["merge"] ** 2
+
+    @classmethod
+    def example_inputs(cls, v, ids, amask, image_token_id, generator=None) -> dict:
+        from vlmopt import qwen_layout
+
+        B = ids.shape[0]
+        t, h, w = v["grid"]
+        shape = (B * t * h * w, v["patch_dim"])
+        pix = torch.randn(*shape, generator=generator) if generator is not None else \
+            torch.zeros(shape)
+        grids = torch.tensor([v["grid"]] * B)
+        pos = qwen_layout.mrope_positions(ids.numpy(), amask.numpy(), grids.numpy(),
+                                          image_token_id, v["merge"])
+        return {"pixel_values": pix, "image_grid_thw": grids,
+                "position_ids": torch.from_numpy(pos)}
+
+    @classmethod
+    def export_dims(cls, v: dict, prompt_len, unit: int | None) -> dict:
+        M = torch.export.Dim("visual_tokens", min=1, max=1 << 16)
+        N = unit * M  # patches = merge^2 x the LLM's visual tokens
+        return {"input_ids": {1: prompt_len}, "pixel_values": {0: N},
+                "attention_mask": {1: prompt_len}, "position_ids": {2: prompt_len},
+                "vision_pos": {0: N}, "frame_seg": {0: N}, "window_index": {0: M},
+                "window_seg": {0: N}, "interp_idx": {0: N}, "interp_w": {0: N}}
+
+    @classmethod
+    def layout_inputs(cls, spec: dict, batch: dict) -> dict:
+        from vlmopt.export_vision import layout_tensors
+
+        return layout_tensors(spec, batch["image_grid_thw"])
+
     def layout_spec(self) -> dict:
         from vlmopt.export_vision import layout_spec
 

@@ -48,11 +48,17 @@ def example_shapes(gm: fx.GraphModule, batch: int = 2, n_text: int = 16) -> dict
            pos[None].expand(3, batch, T).contiguous()}
     if size is not None:
         out["pixel_values"] = torch.zeros(batch, 3, size, size)
-    else:  # dynamic resolution (Qwen-VL): one image of the reference grid per sample
-        v = info["vision_example"]
-        t, h, w = v["grid"]
-        out["pixel_values"] = torch.zeros(batch * t * h * w, v["patch_dim"])
-        out["image_grid_thw"] = torch.tensor([v["grid"]] * batch)
+    else:  # dynamic resolution: one reference image per sample, as its family builds it
+        from vlmopt.frontend.family import adapter_of_graph
+
+        ex = adapter_of_graph(info).example_inputs(info["vision_example"], ids,
+                                                    out["attention_mask"],
+                                                    info["image_token_id"])
+        if info.get("position_rows", 1) == 1:  # the 1-row example positions above stand
+            ex.pop("position_ids")
+        else:  # NOTE: equal rows, as before; M-RoPE values do not change the shapes
+            ex["position_ids"] = out["position_ids"]
+        out.update(ex)
     return out
 
 
@@ -62,8 +68,9 @@ def example_n_visual(gm: fx.GraphModule) -> int:
     info = gm.meta["vlmopt"]
     if info["n_visual"] is not None:
         return info["n_visual"]
-    t, h, w = info["vision_example"]["grid"]
-    return t * h * w // info["vision_example"]["merge"] ** 2
+    from vlmopt.frontend.family import adapter_of_graph
+
+    return adapter_of_graph(info).example_visual_tokens(info["vision_example"])
 
 
 def _positions(pos: torch.Tensor, b: int) -> list:
