@@ -98,3 +98,65 @@ def test_image_prompt_is_the_processors(tiny, size):
     mine = text.replace("<image>", pi.image_prompt(rows, cols, tiny.adapter.tokens_per_tile))
     ids = tiny.processor.tokenizer(mine, return_tensors="np")["input_ids"][0]
     assert np.array_equal(ids, ref)
+
+
+# ------------------------------------------------------------------ passes, export, runtime
+
+def _plan(lm, path, passes):
+    import json
+
+    path.write_text(json.dumps({"schema": "vlmopt.plan/1",
+                                "model": {"name": str(lm.path), "fingerprint": lm.fingerprint},
+                                "passes": passes}))
+    return path
+
+
+def test_plan_exports_with_parity_and_runs_without_torch(tiny, tmp_path):
+    """apply (DivPrune at a quarter of each image's tokens + a drop after layer 0) -> ONNX
+    parity on calibration prompts of two image sizes; the torch-free preprocessing gives the
+    HF processor's inputs; ``vlmopt run`` answers from ONNX Runtime alone."""
+    from helpers import write_jsonl
+
+    from vlmopt import runtime
+    from vlmopt.cli import main
+
+    imgs = _images([(50, 70), (97, 41)])
+    rows = []
+    for i, im in enumerate(imgs):
+        im.save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "prompt": "what colour is the shape ? <image>",
+                     "answer": "red"})
+    calib = write_jsonl(tmp_path / "calib.jsonl", rows)
+    plan = _plan(tiny, tmp_path / "plan.json", [
+        {"name": "select_visual", "config": {"method": "divprune", "keep": 0.25}},
+        {"name": "drop_tokens", "config": {"keep": {"layer_1": 0.5}}}])
+    out = tmp_path / "out"
+    assert main(["apply", str(plan), str(tiny.path), "--out", str(out),
+                 "--calib", str(calib)]) == 0
+    art = runtime.Artifact(out)
+    par = art.manifest["parity"]
+    assert par["samples"] == 2 and par["max_abs_logit_diff"] <= 1e-4, par
+    pre = runtime.preprocessor(art)
+    for r in rows:
+        im = Image.open(tmp_path / r["image"])
+        mine = pre.encode([r["prompt"]], [im])
+        ref = inputs.encode(tiny.processor, [r["prompt"]], [im])
+        for k in ("input_ids", "attention_mask", "position_ids", "pixel_values",
+                  "pixel_attention_mask"):
+            assert np.array_equal(mine[k], ref[k].numpy()), k
+    text = art.generate(pre, [rows[0]["prompt"]], [tmp_path / "0.png"], max_new_tokens=3)
+    assert len(text) == 1 and isinstance(text[0], str)
+
+
+def test_short_optimize_runs(tiny, tmp_path):
+    from vlmopt.cli import main
+
+    out = tmp_path / "opt"
+    assert main(["optimize", str(tiny.path), "--target-flops", "0.3",
+                 "--calib", "builtin:synthvqa-calib", "--calib-limit", "8",
+                 "--eval", "builtin:synthvqa-test", "--eval-limit", "8", "--trials", "3",
+                 "--finalists", "1", "--no-emit", "--out", str(out)]) == 0
+    import json
+
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["chosen"]["within_target"] and rep["chosen"]["ratio_llm"] <= 0.3 + 1e-9

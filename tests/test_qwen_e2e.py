@@ -69,8 +69,8 @@ def test_flops_follow_the_image_size_and_the_plan(capsys, qwen_dir, tmp_path):
 
 def test_apply_exports_an_artifact_that_matches_pytorch(capsys, qwen_dir, tmp_path):
     from vlmopt.api import apply_plan
+    from vlmopt.artifact_eval import artifact_eval
     from vlmopt.data.dataset import load_records
-    from vlmopt.emit import artifact_eval
     from vlmopt.evaluation import record_batches
     from vlmopt.inputs import encode
     from vlmopt.ir.capture import graph_runner

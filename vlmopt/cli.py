@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
     from vlmopt.runtime import is_artifact
 
     if is_artifact(args.model):  # an emitted ONNX package: the deployed artifact's accuracy
-        from vlmopt.emit import artifact_eval
+        from vlmopt.artifact_eval import artifact_eval
 
         runner, processor, data = artifact_eval(args.model, args.data, args.plan)
         records = load_records(data, limit=args.limit)

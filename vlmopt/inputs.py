@@ -12,7 +12,8 @@ def chat_text(processor, prompt: str) -> str:
     """The prompt wrapped in the checkpoint's chat template (unchanged if it has none)."""
     if getattr(processor, "chat_template", None):
         content = prompt
-        if getattr(processor, "dynamic_resolution", False):  # Qwen-VL: the image is a part
+        # Qwen-VL, Idefics3 / SmolVLM: the image is a content part of the message
+        if getattr(processor, "content_parts", False):
             from vlmopt.runtime import image_parts
 
             content = image_parts(prompt)

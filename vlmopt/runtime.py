@@ -262,12 +262,18 @@ class Artifact:
 
 
 def preprocessor(art: Artifact) -> Preprocessor:
-    """The artifact's own preprocessing: LLaVA's, or Qwen-VL's (dynamic resolution)."""
+    """The artifact's own preprocessing: LLaVA's, Qwen-VL's or Idefics3's (the manifest's
+    image layout says which)."""
     if not art.manifest.get("processor"):
         raise VlmoptError(f"{art.root}: the artifact has no processor files")
     root = art.root / art.manifest["processor"]
     if art.dynamic:
-        return QwenPreprocessor(root, art.manifest["image"]["layout"])
+        layout = art.manifest["image"]["layout"]
+        if layout.get("kind") == "tiles":  # Idefics3 / SmolVLM
+            from vlmopt.runtime_tiles import TilePreprocessor
+
+            return TilePreprocessor(root, layout)
+        return QwenPreprocessor(root, layout)
     return Preprocessor(root)
 
 

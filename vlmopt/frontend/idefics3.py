@@ -43,37 +43,7 @@ class Idefics3Adapter(Adapter):
 
     @classmethod
     def load_processor(cls, path, model):
-        """Idefics3: its own processor (AutoProcessor). SmolVLM: transformers' SmolVLMProcessor
-        also builds a video processor (torchvision) and needs num2words, neither of which an
-        image prompt uses, so its tokenizer, image processor, ``image_seq_len`` and chat
-        template are put in an ``Idefics3Processor``, whose image prompt is the same string."""
-        from pathlib import Path
-
-        if model.config.model_type != "smolvlm":
-            return super().load_processor(path, model)
-        path = Path(path)
-        if not ((path / "processor_config.json").exists()
-                or (path / "preprocessor_config.json").exists()):
-            return None
-        import json
-
-        from transformers import AutoTokenizer, Idefics3Processor, SmolVLMImageProcessorPil
-
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                trust_remote_code=False)
-            ip = SmolVLMImageProcessorPil.from_pretrained(path, local_files_only=True)
-            f = path / "processor_config.json"
-            pcfg = json.loads(f.read_text()) if f.is_file() else {}
-            template = None
-            if (path / "chat_template.jinja").is_file():
-                template = (path / "chat_template.jinja").read_text()
-            return Idefics3Processor(image_processor=ip, tokenizer=tok,
-                                     image_seq_len=int(pcfg.get("image_seq_len",
-                                                                model.model.image_seq_len)),
-                                     chat_template=template or pcfg.get("chat_template"))
-        except (OSError, ValueError, ImportError, json.JSONDecodeError) as e:
-            raise VlmoptError(f"{path}: cannot load processor: {str(e).splitlines()[0]}") from None
+        return load_tile_processor(path, model.config.model_type)
 
     # -- cost and image geometry ------------------------------------------------------------
     @classmethod
@@ -154,7 +124,8 @@ class Idefics3Adapter(Adapter):
 
     def layout_spec(self) -> dict:
         """The prefill graph's inputs beyond the common four: the tiles' pixel mask."""
-        return {"kind": "tiles", "inputs": ["pixel_attention_mask"],
+        return {"kind": "tiles", "model_type": self.config.model_type,
+                "inputs": ["pixel_attention_mask"],
                 "tokens_per_tile": self.tokens_per_tile, "size": int(self.vision_config.image_size)}
 
     @classmethod
@@ -181,3 +152,52 @@ class Idefics3Adapter(Adapter):
     def default_positions(self, batch: dict) -> torch.Tensor:
         amask = batch["attention_mask"]
         return (amask.cumsum(-1) - 1).clamp(min=0)
+
+
+class TileInputs:
+    """The checkpoint's processor, marked for ``vlmopt.inputs``: visual-token counts follow
+    the image (tiles) and the chat template takes the image as a content part."""
+
+    dynamic_resolution = True
+    content_parts = True
+
+    def __init__(self, processor):
+        self._p = processor
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._p(*args, **kwargs)
+
+
+def load_tile_processor(path, model_type: str):
+    """The processor of an Idefics3 / SmolVLM checkpoint directory (None without processor
+    files), as a ``TileInputs``. Idefics3: its own (AutoProcessor). SmolVLM: transformers'
+    SmolVLMProcessor also builds a video processor (torchvision) and needs num2words, neither
+    of which an image prompt uses, so its tokenizer, image processor, ``image_seq_len`` and
+    chat template go into an ``Idefics3Processor``, whose image prompt is the same string."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    pfile = path / "processor_config.json"
+    if not (pfile.exists() or (path / "preprocessor_config.json").exists()):
+        return None
+    if model_type != "smolvlm":
+        return TileInputs(Adapter.load_processor(path, None))
+    from transformers import AutoTokenizer, Idefics3Processor, SmolVLMImageProcessorPil
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        ip = SmolVLMImageProcessorPil.from_pretrained(path, local_files_only=True)
+        pcfg = json.loads(pfile.read_text()) if pfile.is_file() else {}
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        kwargs = {"image_seq_len": int(pcfg["image_seq_len"])} if "image_seq_len" in pcfg else {}
+        return TileInputs(Idefics3Processor(image_processor=ip, tokenizer=tok,
+                                            chat_template=template or pcfg.get("chat_template"),
+                                            **kwargs))
+    except (OSError, ValueError, ImportError, json.JSONDecodeError) as e:
+        raise VlmoptError(f"{path}: cannot load processor: {str(e).splitlines()[0]}") from None

@@ -212,6 +212,7 @@ class QwenInputs:
     Everything else is the wrapped processor's."""
 
     dynamic_resolution = True  # visual-token counts follow the image size
+    content_parts = True  # the chat template takes the image as a content part
 
     def __init__(self, processor, adapter: QwenVLAdapter | None = None, *,
                  image_token_id: int | None = None, merge: int = 2):
