@@ -184,6 +184,8 @@ def load_tile_processor(path, model_type: str):
     pfile = path / "processor_config.json"
     if not (pfile.exists() or (path / "preprocessor_config.json").exists()):
         return None
+    if not ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+        return None  # a config-only directory may carry just the image processor's sizes
     if model_type != "smolvlm":
         return TileInputs(Adapter.load_processor(path, None))
     from transformers import AutoTokenizer, Idefics3Processor, SmolVLMImageProcessorPil
