@@ -32,6 +32,11 @@ def artifact_eval(root, data: str | None, plan: str | None = None):
         from vlmopt.frontend.idefics3 import load_tile_processor
 
         return _tiles(art), load_tile_processor(proc_dir, layout["model_type"]), data
+    if art.dynamic and layout.get("kind") == "internvl":
+        from vlmopt.frontend.internvl import load_internvl_processor
+
+        return (_flat_tiles(art, m["image"]["image_token_id"], layout["tokens_per_tile"]),
+                load_internvl_processor(proc_dir, layout["tokens_per_tile"]), data)
     if art.dynamic:
         return _qwen(art, layout), _qwen_processor(proc_dir, m, layout), data
     from transformers import AutoProcessor
@@ -90,6 +95,21 @@ def _tiles(art):
             real = pix.flatten(1).ne(0).any(-1)  # the processor's padding tiles are all-zero
             feeds = {**_one(batch, b), "pixel_values": pix[real][None].numpy(),
                      "pixel_attention_mask": batch["pixel_attention_mask"][b, real][None].numpy()}
+            rows.append(art.logits(feeds)[0])
+        return torch.from_numpy(np.stack(rows)).float()
+
+    return run
+
+
+def _flat_tiles(art, image_token_id: int, tokens_per_tile: int):
+    """InternVL: every prompt's tiles concatenated; sample b's are its visual tokens' worth."""
+    def run(batch: dict) -> torch.Tensor:
+        rows, start = [], 0
+        for b in range(batch["input_ids"].shape[0]):
+            n = int((batch["input_ids"][b] == image_token_id).sum()) // tokens_per_tile
+            feeds = {**_one(batch, b),
+                     "pixel_values": batch["pixel_values"][start:start + n].numpy()}
+            start += n
             rows.append(art.logits(feeds)[0])
         return torch.from_numpy(np.stack(rows)).float()
 

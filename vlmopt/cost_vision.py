@@ -234,3 +234,68 @@ class TileTower(Tower):
         vision = (d * self.channels * self.patch ** 2 + d + self.num_positions * d
                   + self.depth * layer + 2 * d)  # conv, positions, layers, post-LN
         return vision * bytes_per_el, d * self.scale ** 2 * self.out * bytes_per_el
+
+
+class InternTower(Tower):
+    """``vlmopt.cost.Tower`` of InternVL: InternViT (CLS + patches) once per S x S tile, then the
+    CLS dropped, pixel shuffle by ``downsample_ratio`` and the LayerNorm + 2-linear projector.
+    ``grids``: one (n_tiles, S/p, S/p) per image. FLOPs as FlopCounterMode counts them (linears
+    and the patch conv without bias adds, SDPA over each tile's CLS + patches; norms, GELU,
+    layer scales free)."""
+
+    def __init__(self, vc, ratio: float, out: int, drop_cls: bool):
+        self.d, self.m, self.depth = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
+        self.patch = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+        size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
+        self.side, self.channels, self.out = size // self.patch, vc.num_channels, out
+        self.per_tile = int(self.side ** 2 * ratio ** 2)
+        self.proj_in = int(self.d / ratio ** 2)
+        self.drop_cls = drop_cls
+        self.bias = bool(vc.attention_bias)
+        self.norm = 2 if vc.norm_type == "layer_norm" else 1  # parameters per channel
+        self.qk_norm = bool(vc.use_qk_norm)
+        self.mask_token = bool(vc.use_mask_token)
+        self.abs_pos = bool(vc.use_absolute_position_embeddings)
+        self.final_norm = not vc.use_mean_pooling
+
+    @classmethod
+    def from_config(cls, config) -> InternTower:
+        return cls(config.vision_config, float(config.downsample_ratio),
+                   config.text_config.hidden_size,
+                   config.vision_feature_select_strategy == "default")
+
+    def _tiles(self, grids) -> int:
+        n = 0
+        for g in grids:
+            t, h, w = (int(x) for x in g)
+            if t < 1 or (h, w) != (self.side, self.side):
+                raise ValueError(f"grid {tuple(g)}: expected (n_tiles >= 1, {self.side}, "
+                                 f"{self.side})")
+            n += t
+        return n
+
+    def n_llm_tokens(self, grids) -> int:
+        return self._tiles(grids) * self.per_tile
+
+    def breakdown(self, grids) -> dict[str, int]:
+        tiles, d = self._tiles(grids), self.d
+        n = self.side ** 2 + 1  # CLS + patches inside the ViT
+        conv = self.side ** 2 * d * self.channels * self.patch ** 2
+        layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * self.m
+        vision = 2 * tiles * (conv + self.depth * layer)
+        t = self.n_llm_tokens(grids)
+        merger = 2 * t * (self.proj_in * self.out + self.out * self.out)
+        return {"vision": vision, "merger": merger, "total": vision + merger}
+
+    def param_bytes(self, bytes_per_el: int) -> tuple[int, int]:
+        d, m = self.d, self.m
+        layer = (3 * d * d + 3 * d * self.bias + d * d + d  # q, k, v (+bias), projection
+                 + 2 * d * self.qk_norm  # RMSNorm weights on q, k
+                 + 2 * self.norm * d + 2 * d  # layernorm before / after, lambda_1 / lambda_2
+                 + (d * m + m) + (m * d + d))  # MLP
+        emb = (d + d * self.mask_token + d * self.channels * self.patch ** 2 + d
+               + (self.side ** 2 + 1) * d * self.abs_pos)  # CLS, mask, conv, positions
+        vision = emb + self.depth * layer + 2 * d * self.final_norm
+        project = 2 * self.proj_in + (self.proj_in * self.out + self.out) + self.out ** 2 \
+            + self.out
+        return vision * bytes_per_el, project * bytes_per_el

@@ -19,8 +19,9 @@ from torch import fx
 log = logging.getLogger(__name__)
 
 
-def first_sample(batch: dict) -> dict:
-    """Sample 0 of a left-padded graph batch, alone and without its padding."""
+def first_sample(batch: dict, meta: dict | None = None) -> dict:
+    """Sample 0 of a left-padded graph batch, alone and without its padding (``meta``: the
+    graph's, for families whose tiles are concatenated over the batch)."""
     keep = batch["attention_mask"][0].bool()
     out = {"input_ids": batch["input_ids"][:1, keep],
            "attention_mask": batch["attention_mask"][:1, keep]}
@@ -35,6 +36,9 @@ def first_sample(batch: dict) -> dict:
         real = pix[0].flatten(1).ne(0).any(-1)
         out["pixel_values"] = pix[:, real]
         out["pixel_attention_mask"] = batch["pixel_attention_mask"][:1, real]
+    elif meta and (meta.get("layout") or {}).get("kind") == "internvl":
+        n = int((out["input_ids"] == meta["image_token_id"]).sum())
+        out["pixel_values"] = batch["pixel_values"][:n // meta["layout"]["tokens_per_tile"]]
     else:
         out["pixel_values"] = batch["pixel_values"][:1]
     return out
@@ -48,7 +52,7 @@ def prefill_latency(artifact: Path, original: fx.GraphModule, chosen: fx.GraphMo
     from vlmopt import emit, runtime
 
     if emit.dynamic(chosen):
-        batch = first_sample(batch)
+        batch = first_sample(batch, chosen.meta["vlmopt"])
     art = runtime.Artifact(artifact, verify=False, threads=threads, spinning=False)
     with tempfile.TemporaryDirectory(prefix="vlmopt-ort-latency-") as tmp:
         path = Path(tmp) / "prefill.onnx"

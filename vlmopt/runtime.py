@@ -273,6 +273,10 @@ def preprocessor(art: Artifact) -> Preprocessor:
             from vlmopt.runtime_tiles import TilePreprocessor
 
             return TilePreprocessor(root, layout)
+        if layout.get("kind") == "internvl":
+            from vlmopt.runtime_tiles import InternVLPreprocessor
+
+            return InternVLPreprocessor(root, layout)
         return QwenPreprocessor(root, layout)
     return Preprocessor(root)
 

@@ -30,7 +30,6 @@ NOT_YET = {
     "llava_next_video": "LLaVA-NeXT-Video",
     "gemma3": "Gemma 3",
     "paligemma": "PaliGemma",
-    "internvl": "InternVL",
     "mllama": "Llama 3.2 Vision",
 }
 

@@ -219,3 +219,33 @@ class TileVision(nn.Module):
         out = self.tower(pixel_values=pv, patch_attention_mask=patch_mask, return_dict=True)
         feats = self.connector(out.last_hidden_state)  # [n_real, tokens_per_tile, D]
         return feats.reshape(-1, feats.shape[-1])
+
+
+class InternVision(nn.Module):
+    """InternVL tower + pixel shuffle + projector: pixel_values [N_tiles, 3, S, S] (every
+    prompt's tiles, concatenated) -> LLM embeddings [N_tiles * tokens_per_tile, D]. The ops of
+    the model's ``get_image_features``, in its order (the pixel shuffle is pure reshapes)."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, feature_layer: int,
+                 drop_cls: bool, ratio: float):
+        super().__init__()
+        self.tower, self.projector = tower, projector
+        self.feature_layer, self.drop_cls, self.ratio = feature_layer, drop_cls, ratio
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pv = pixel_values.to(dtype=self.tower.dtype)
+        out = self.tower(pixel_values=pv, return_dict=True,
+                         output_hidden_states=self.feature_layer != -1)
+        feats = out.last_hidden_state if self.feature_layer == -1 else \
+            out.hidden_states[self.feature_layer]
+        if self.drop_cls:
+            feats = feats[:, 1:, :]
+        n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
+        x = feats.reshape(n, side, side, -1)
+        # pixel shuffle, as InternVLModel.pixel_shuffle: [n, w, h, c] -> [n, w*r, h*r, c/r^2]
+        _, w, h, c = x.size()
+        r = self.ratio
+        x = x.view(n, w, int(h * r), int(c / r)).permute(0, 2, 1, 3).contiguous()
+        x = x.view(n, int(h * r), int(w * r), int(c / r ** 2)).permute(0, 2, 1, 3).contiguous()
+        x = self.projector(x.reshape(n, -1, x.shape[-1]))
+        return x.reshape(-1, x.shape[-1])

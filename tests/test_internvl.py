@@ -1,0 +1,58 @@
+"""InternVL family: InternViT tiles (CLS dropped), pixel shuffle, LayerNorm MLP projector, a
+Qwen2 decoder (vlmopt.frontend.internvl). A tiny random-weight checkpoint built here
+(tests/helpers_internvl.py)."""
+
+from __future__ import annotations
+
+import family_checks as fc
+import numpy as np
+import pytest
+from helpers_internvl import make_tiny_dir
+
+from vlmopt.frontend.load import load
+
+SIZES = [(50, 70), (30, 130), (97, 41)]  # 1x1, 4x1 + thumbnail, 1x2 + thumbnail
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load(make_tiny_dir(tmp_path_factory.mktemp("internvl")))
+
+
+def test_identity_plan_is_bit_exact(tiny):
+    b = fc.batch(tiny, SIZES)
+    assert b["pixel_values"].shape[0] > len(SIZES)  # tiled: more tiles than images
+    fc.identity_is_bit_exact(tiny, b)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cost_model_matches_flop_counter(tiny, size):
+    fc.cost_matches_flop_counter(tiny, size)
+
+
+def test_cost_model_counts_every_parameter(tiny):
+    fc.every_parameter_counted(tiny)
+
+
+ODD = [(50, 70), (30, 130), (97, 41), (7, 300), (129, 128), (64, 64), (33, 31), (200, 90)]
+
+
+@pytest.mark.parametrize("size", ODD)
+def test_numpy_preprocessing_matches_the_image_processor(tiny, size):
+    from vlmopt import preprocess_internvl as pv
+
+    im = fc.images([size], seed=sum(size))[0]
+    ref = tiny.processor.image_processor(images=[im], return_tensors="np")
+    tiles = pv.pixels(im, pv.image_config(tiny.path))
+    assert tiles.dtype == np.float32 and np.array_equal(tiles, ref["pixel_values"])
+    assert pv.tiles_for_size(*size, pv.image_config(tiny.path)) == len(tiles)
+
+
+def test_plan_exports_with_parity_and_runs_without_torch(tiny, tmp_path):
+    fc.exports_with_parity_and_runs_without_torch(
+        tiny, tmp_path, [(50, 70), (30, 130)],
+        ("input_ids", "attention_mask", "position_ids", "pixel_values"))
+
+
+def test_short_optimize_runs(tiny, tmp_path):
+    fc.short_optimize_runs(tiny, tmp_path)
