@@ -9,14 +9,14 @@ features, so the cost model's default projector count stays exact.
 Requires: a captured LLaVA graph with no token change before layer 0; ``keep`` <= Nv.
 
 Methods (shared/methods.md sections 3, 4, 6, 10, 13):
-  visionzip: the vision node also returns the CLS attention (summed over heads) and head-mean
-      keys of the ViT layer producing the projector's features; dominant = top-(keep -
-      contextual) patches by CLS attention; ``contextual`` merged tokens (target + mean of the
-      remaining patches assigned to it by key cosine) are formed in vision-feature space before
-      the projector and written into their target patch's slot (so they take that patch's
-      position; VisionZip appends them after the dominant tokens). CLS itself is never an LLM
-      token here (LLaVA's "default" strategy drops it), so dominant tokens are patches only.
-      Towers without a CLS token (SigLIP, strategy "full") are rejected.
+  visionzip: dominant = top-(keep - contextual) patches by the CLS attention (summed over
+      heads) of the ViT layer producing the projector's features; ``contextual`` merged tokens
+      (target + mean of the remaining patches assigned to it by head-mean key cosine) formed
+      before the projector. ``cls`` "patches": CLS is no LLM token, contextual tokens sit in
+      their target's slot (LightCompress's counting); "official": CLS is the first dominant
+      token and the kept rows are [CLS, dominant, contextual] (the official order, see
+      ``visionzip``). CLS-free towers (SigLIP, Qwen-VL): ``score`` "received" - the attention
+      each token receives, mean over heads and queries (vlmopt.ir.received).
   divprune: greedy max-min diversity on cosine distance of the post-projector embeddings,
       starting from the most isolated token. Tokens already chosen are excluded explicitly, so
       exact duplicates still yield ``keep`` distinct tokens (LightCompress's port can re-pick
@@ -29,7 +29,8 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
       each pooled token sits in the slot of the patch nearest its window's centre.
   random: a fixed hash of the original positions (the baseline; same as drop_tokens').
   vispruner: VisPruner (Theia-4869/VisPruner at aefa01a; rule in vlmopt/ir/vispruner.py):
-      int(keep * important_ratio) patches by CLS attention of the feature layer's ViT layer,
+      int(keep * important_ratio) patches by CLS attention of the feature layer's ViT layer
+      (CLS-free towers: received attention of the last ViT layer, its SigLIP code's rule),
       the rest from the remaining patches by repeatedly dropping, in rounds of up to 8, the
       even-position tokens most similar (cosine of the vision features) to an odd-position
       one. PyTorch only (the loop grows with the tokens removed; export raises).
@@ -40,7 +41,7 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
       merge-group means of the last ViT block).
   vtc_cls: VTC-CLS (THU-MIG/VTC-CLS at e41ac9b; vlmopt/ir/vtc_cls.py): top-``keep`` patches by
       the head-mean CLS attention summed over ViT layers ``start_layer`` .. the feature layer.
-      CLS towers only (no received-attention variant: that is VisionZip's rule).
+      CLS towers only (its code has no CLS-free variant): refused on others.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from vlmopt.passreg import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner", "mmtok",
            "vtc_cls")
+SCORES = ("auto", "cls", "received")
+CLS = ("patches", "official")
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,21 @@ class Config:
     # vtc_cls only: first ViT layer of the CLS-attention ensemble (official default 16 of 24;
     # negative counts from the end, as a Python slice)
     start_layer: int = 16
+    # visionzip / vispruner / vtc_cls: what ranks the patches. "cls": the [CLS] query's
+    # attention; "received": the attention each token receives (mean over heads and queries:
+    # the authors' variant for CLS-free towers; not VTC-CLS); "auto": "cls" if the tower has
+    # a [CLS] the LLM does not read, else "received" (the pass stats name the choice)
+    score: str = "auto"
+    # visionzip only: "patches" - ``keep`` counts patches, CLS is no LLM token (LightCompress's
+    # counting; merged tokens in their target's slot); "official" - CLS is the first of the
+    # ``keep - contextual`` dominant tokens, in the official order (needs "contiguous")
+    cls: str = "patches"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
         check_positions(self.positions)
+        self._check_score()
         for name, lo, low_ok, hi in (("important_ratio", 0, True, 1), ("alpha", 0, True, None),
                                      ("tv_temperature", 0, False, None),
                                      ("vv_temperature", 0, False, None)):
@@ -121,6 +134,30 @@ class Config:
         if self.method == "pool" and math.isqrt(self.keep) ** 2 != self.keep:
             raise ValueError(f"field 'keep' must be a square g * g for method 'pool', "
                              f"got {self.keep}")
+        if self.cls == "official" and self.keep - self.contextual < 1:
+            raise ValueError(f"field 'cls': 'official' counts CLS among the keep - contextual "
+                             f"= {self.keep - self.contextual} dominant tokens; needs >= 1")
+
+    def _check_score(self):
+        ranked = ("visionzip", "vispruner", "vtc_cls")
+        for name, allowed in (("score", SCORES), ("cls", CLS)):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"field {name!r} must be one of {allowed}, got {v!r}")
+        if self.score != "auto" and self.method not in ranked:
+            raise ValueError(f"field 'score' is for methods {ranked} only")
+        if self.method == "vtc_cls" and self.score == "received":
+            raise ValueError("field 'score': VTC-CLS defines no received-attention variant "
+                             "(its code ranks by CLS attention only)")
+        if self.cls == "official":
+            if self.method != "visionzip":
+                raise ValueError("field 'cls' is for method 'visionzip' only")
+            if self.score == "received":
+                raise ValueError("field 'cls': 'official' needs a CLS token (score 'cls')")
+            if self.positions != "contiguous" or isinstance(self.keep, float):
+                raise ValueError("field 'cls': 'official' needs positions 'contiguous' and a "
+                                 "count keep (CLS has no patch position; the official code "
+                                 "renumbers the shortened sequence)")
 
 
 # The search space lives beside the defaults: what a strategy may vary.
@@ -128,15 +165,22 @@ SEARCH_SPACE = {"method": list(METHODS[1:]), "keep": "visual tokens kept, 1..Nv 
                 "contextual": "visionzip: 0..keep (paper: keep * 10 / 64)"}
 
 
-def visionzip(dominant: int, contextual: int, positions: str = "contiguous") -> Config:
-    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 tokens, CLS not counted (the
-    LightCompress port's counting). The official code (dvlab-research/VisionZip at 3151f6d,
-    visionzip/llava_arch.py) rebuilds the sequence from the kept features with
-    ``position_ids=None``, so its positions are contiguous: the default here. Still vlmopt's:
-    the count excludes CLS and contextual tokens
-    sit in their target patch's slot, not after the dominant ones."""
+def visionzip(dominant: int, contextual: int, positions: str = "contiguous",
+              cls: str = "official", score: str = "auto") -> Config:
+    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 LLM tokens, as the official code
+    runs it (dvlab-research/VisionZip at 3151f6d): ``visionzip(model, 54, 10)`` keeps CLS plus
+    the top-53 patches by CLS attention (visionzip/main.py passes dominant - 1;
+    visionzip/clip_encoder.py prepends index 0) and feeds [CLS, dominant patches in index
+    order, contextual tokens] to the projector and the LLM, which visionzip/llava_arch.py
+    rebuilds with ``position_ids=None`` (contiguous positions). It reads
+    ``hidden_states[-2]`` and ``attentions[-2]``: LLaVA-1.5's feature layer; vlmopt reads the
+    projector's feature layer, the same layer there. ``cls="patches"``: LightCompress's
+    counting (llmc/compression/token_reduction/visionzip.py: 54 patches, its CLS dropped by
+    strategy "default") in vlmopt's layout (contextual tokens in their target's slot), which
+    also takes ``positions="original"``. CLS-free towers: ``cls="patches"``; ``score`` "auto"
+    ranks by received attention there (``Config.score``)."""
     return Config(method="visionzip", keep=dominant + contextual, contextual=contextual,
-                  positions=positions)
+                  positions=positions, cls=cls, score=score)
 
 
 def divprune(keep: int, positions: str = "contiguous") -> Config:
@@ -209,14 +253,18 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
 
     patch_scores = vfeats = None
     m = config.method
+    if m in ("visionzip", "vispruner", "vtc_cls"):
+        stats["score"] = score = wire.resolve_score(gm, config)
     if m == "visionzip":
+        stats["cls"] = config.cls
         patch_scores = (wire.received_scores(gm) if nv is None else
-                        wire.visionzip_scores(gm, nv, keep, config.contextual))
+                        wire.visionzip_scores(gm, nv, keep, config.contextual, score,
+                                              config.cls == "official"))
     elif m == "vispruner":
         if nv is None:
-            raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a CLS "
-                             "vision tower with a fixed grid; this model has neither")
-        patch_scores = wire.vispruner_scores(gm, nv, keep, config.important_ratio)
+            raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a fixed "
+                             "visual-token grid; this model's count follows the image size")
+        patch_scores = wire.vispruner_scores(gm, nv, keep, config.important_ratio, score)
     elif m == "vtc_cls":
         patch_scores = wire.vtc_cls_scores(gm, config.start_layer)
     elif m == "mmtok":
