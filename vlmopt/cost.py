@@ -484,7 +484,8 @@ def score_flops(s: ModelShapes, n_tokens: int, mode: str, n_pivots: int = 0) -> 
 def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     """The matmuls a select_visual node adds (vlmopt.ir.select), per sample; ``info`` is the
     node's meta. cls_attention: the CLS query row and every key of one ViT layer (of each of
-    ``n_cls_layers``, VTC-CLS), and q.k^T; contextual_merge: key cosine [M, C] and the group
+    ``n_cls_layers``, VTC-CLS), and q.k^T; received_attention (a fixed-grid CLS-free tower):
+    every query row of one ViT layer; contextual_merge: key cosine [M, C] and the group
     sums [C, Dv]; diversity: the Nv x Nv cosine matrix; coverage (MMTok): the cosine of every
     one of the ``n_text`` + Nv rows with the Nv visual embeddings, and the Nv x Nv cosine of
     the vision features. Pooling, hashing and scattering count nothing."""
@@ -494,6 +495,9 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     if op == "cls_attention":
         n = s.n_vision_tokens
         return 2 * (h * h + n * h * h + s.vision_heads * n * hd) * info.get("n_cls_layers", 1)
+    if op == "received_attention" and s.tower is None:  # every query row of one ViT layer
+        n = s.n_vision_tokens
+        return 2 * (2 * n * h * h + n * n * h)  # q and k of n tokens, q.k^T of all heads
     if op == "coverage":
         nv = info["n_visual"]
         return 2 * ((n_text + nv) * nv * s.d + nv * nv * h)
