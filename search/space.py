@@ -165,10 +165,11 @@ class Space:
         # exports as one ONNX Loop with its count computed in the graph (ir.select.greedy_loop)
         self.default_select = "divprune" if self.dynamic else "visionzip"
         self.select_methods = ("none", "divprune") if self.dynamic else SEARCH_SELECT
-        # CLS-ranked selections on this tower: by CLS attention, or (SigLIP, Qwen-VL: no CLS
-        # the LLM does not read) by received attention - written into every plan's steps
+        # CLS-ranked selections on this tower: by CLS attention (the pass's default), or
+        # (SigLIP, Qwen-VL: no CLS the LLM does not read) by received attention, which the
+        # plans then say (select_visual's ``score``)
         self.has_cls = bool(lm.adapter.has_cls)
-        self.score = "cls" if self.has_cls else "received"
+        self.score = None if self.has_cls else "received"
         self._ratios: dict[str, dict] = {}
         self.base = self.flops([])
 

@@ -16,7 +16,7 @@ from vlmopt.passes import select_visual as sv
 from vlmopt import api, cost, inputs
 from vlmopt.data import synthvqa
 from vlmopt.frontend import synth_llava
-from vlmopt.frontend.load import LoadedModel, load, model_shapes
+from vlmopt.frontend.load import load, model_shapes
 from vlmopt.ir.capture import capture, complete_inputs
 from vlmopt.ir.verify import example_shapes
 from vlmopt.pipeline import make_config, run_passes
@@ -192,9 +192,10 @@ def test_received_attention_costs_what_flop_counter_counts(lm, config):
 
 
 def test_search_baselines_and_compare_propose_only_what_the_tower_runs(lm):
-    from vlmopt.compare import default_methods
     from vlmopt.search import baselines
     from vlmopt.search.space import Space
+
+    from vlmopt.compare import default_methods
 
     sp = Space(lm, n_text=16)
     assert sp.score == "received" and "visionzip" in sp.select_methods
@@ -205,7 +206,7 @@ def test_search_baselines_and_compare_propose_only_what_the_tower_runs(lm):
     assert "VisionZip (received attention)" in names and "VisPruner" in names
     assert "VTC-CLS" not in names and "patches only" not in names
     for name, steps in plans:
-        for pass_name, fields in steps:
+        for _, fields in steps:
             if fields.get("method") in ("visionzip", "vispruner"):
                 assert fields["score"] == "received" and fields.get("cls", "patches") == \
                     "patches", name

@@ -160,9 +160,10 @@ def test_official_plan_exports_to_onnx_with_parity(loaded_tiny, synth_data, tmp_
 
 
 def test_compare_and_baselines_show_both_countings(loaded_tiny):
-    from vlmopt.compare import default_methods
     from vlmopt.search import baselines
     from vlmopt.search.space import Space
+
+    from vlmopt.compare import default_methods
 
     names = {m.name: m.steps for m in default_methods(196, 2, None)}
     off = names["VisionZip 25/196"][0][1]
