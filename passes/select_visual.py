@@ -4,27 +4,23 @@ Ensures: from layer 0 on, each sample carries exactly ``keep`` visual tokens (st
 text tokens are never touched; kept tokens keep their ORIGINAL position ids and order by default
 (``positions="original"``, vlmopt's variant), or are renumbered 0.. as the official DivPrune and
 VisionZip code does (``positions="contiguous"``, the presets' default); the causal mask and
-RoPE are rebuilt. The projector still runs on all Nv visual
-features, so the cost model's default projector count stays exact.
+RoPE are rebuilt. The projector runs on all Nv visual features (the cost model's count).
 Requires: a captured LLaVA graph with no token change before layer 0; ``keep`` <= Nv.
 
 Methods (shared/methods.md sections 3, 4, 6, 10, 13):
   visionzip: dominant = top-(keep - contextual) patches by the CLS attention (summed over
       heads) of the ViT layer producing the projector's features; ``contextual`` merged tokens
       (target + mean of the remaining patches assigned to it by head-mean key cosine) formed
-      before the projector. ``cls`` "patches": CLS is no LLM token, contextual tokens sit in
-      their target's slot (LightCompress's counting); "official": CLS is the first dominant
-      token and the kept rows are [CLS, dominant, contextual] (the official order, see
-      ``visionzip``). CLS-free towers (SigLIP, Qwen-VL): ``score`` "received" - the attention
-      each token receives, mean over heads and queries (vlmopt.ir.received).
+      before the projector, in their target's slot (``cls`` "patches": LightCompress's
+      counting) or, with CLS first, in the official order (``cls`` "official", ``visionzip``).
+      CLS-free towers (SigLIP, Qwen-VL): ``score`` "received" - the attention each token
+      receives, mean over heads and queries (vlmopt.ir.received).
   divprune: greedy max-min diversity on cosine distance of the post-projector embeddings,
       starting from the most isolated token. Tokens already chosen are excluded explicitly, so
       exact duplicates still yield ``keep`` distinct tokens (LightCompress's port can re-pick
       a chosen token there and keep fewer).
-  kcenter: ToDRE's first stage - greedy k-center (farthest-point traversal) on the same
-      distance. Honestly, it is divprune's greedy loop with another start (the token closest
-      to the mean embedding); the start changes the whole greedy path, so the sets overlap
-      only partly (40-85% on the tiny test model).
+  kcenter: ToDRE's first stage - greedy k-center on the same distance: divprune's greedy
+      loop started at the token closest to the mean embedding (the sets overlap only partly).
   pool: LLaVolta-style g x g adaptive average pooling of the embedding grid (keep = g * g);
       each pooled token sits in the slot of the patch nearest its window's centre.
   random: a fixed hash of the original positions (the baseline; same as drop_tokens').
@@ -84,14 +80,12 @@ class Config:
     # vtc_cls only: first ViT layer of the CLS-attention ensemble (official default 16 of 24;
     # negative counts from the end, as a Python slice)
     start_layer: int = 16
-    # visionzip / vispruner / vtc_cls: what ranks the patches. "cls": the [CLS] query's
-    # attention; "received": the attention each token receives (mean over heads and queries:
-    # the authors' variant for CLS-free towers; not VTC-CLS); "auto": "cls" if the tower has
-    # a [CLS] the LLM does not read, else "received" (the pass stats name the choice)
+    # visionzip / vispruner / vtc_cls: "cls" ranks by the [CLS] query's attention, "received"
+    # by the attention tokens receive (their CLS-free variant; VTC-CLS has none), "auto" by
+    # "cls" where the tower has a [CLS] the LLM does not read (the stats name the choice)
     score: str = "auto"
-    # visionzip only: "patches" - ``keep`` counts patches, CLS is no LLM token (LightCompress's
-    # counting; merged tokens in their target's slot); "official" - CLS is the first of the
-    # ``keep - contextual`` dominant tokens, in the official order (needs "contiguous")
+    # visionzip: "patches" - CLS is no LLM token (LightCompress's counting); "official" - it is
+    # the first of the keep - contextual dominant tokens, in the official order (``visionzip``)
     cls: str = "patches"
 
     def __post_init__(self):
@@ -149,18 +143,15 @@ class Config:
         if self.method == "vtc_cls" and self.score == "received":
             raise ValueError("field 'score': VTC-CLS defines no received-attention variant "
                              "(its code ranks by CLS attention only)")
-        if self.cls == "official":
-            if self.method != "visionzip":
-                raise ValueError("field 'cls' is for method 'visionzip' only")
-            if self.score == "received":
-                raise ValueError("field 'cls': 'official' needs a CLS token (score 'cls')")
-            if self.positions != "contiguous" or isinstance(self.keep, float):
-                raise ValueError("field 'cls': 'official' needs positions 'contiguous' and a "
-                                 "count keep (CLS has no patch position; the official code "
-                                 "renumbers the shortened sequence)")
+        if self.cls == "official" and (self.method != "visionzip" or self.score == "received"):
+            raise ValueError("field 'cls' is for method 'visionzip' only, ranked by a CLS token")
+        if self.cls == "official" and (self.positions != "contiguous"
+                                       or isinstance(self.keep, float)):
+            raise ValueError("field 'cls': 'official' needs positions 'contiguous' and a count "
+                             "keep (CLS has no patch position; the official code renumbers)")
 
 
-# The search space lives beside the defaults: what a strategy may vary.
+# The search space (what a strategy may vary) lives beside the defaults.
 SEARCH_SPACE = {"method": list(METHODS[1:]), "keep": "visual tokens kept, 1..Nv (pool: g*g)",
                 "contextual": "visionzip: 0..keep (paper: keep * 10 / 64)"}
 
@@ -186,8 +177,7 @@ def visionzip(dominant: int, contextual: int, positions: str = "contiguous",
 def divprune(keep: int, positions: str = "contiguous") -> Config:
     """DivPrune keeping ``keep`` tokens. The official LLaVA path (vbdi/divprune at 799e2d9,
     LLaVA/llava/model/llava_arch.py) returns ``position_ids=None`` with the pruned sequence, so
-    positions are contiguous: the default here; ``"original"`` is vlmopt's
-    variant."""
+    positions are contiguous: the default here; ``"original"`` is vlmopt's variant."""
     return Config(method="divprune", keep=keep, positions=positions)
 
 
@@ -195,11 +185,10 @@ def mmtok(keep: int | float, alpha: float = 0.5, tv_temperature: float = 0.02,
           vv_temperature: float = 0.2, positions: str = "contiguous") -> Config:
     """MMTok keeping ``keep`` tokens (a fraction on dynamic-resolution models). Follows
     Ironieser/MMTok at d1522cd (mmtok/core/semantic_selector.py; defaults from
-    mmtok/llava/llava_inject.py; the Qwen2.5-VL port, mmtok/qwen/qwen2_5_vl_mmtok.py, uses
-    tv_temperature 0.01 and keeps 20%). Its LLaVA path rebuilds the sequence with
-    ``position_ids=None`` (mmtok/llava/llava_arch_mmtok.py), so positions are contiguous: the
-    default here; its Qwen path gathers the original M-RoPE ids, so pass
-    ``positions="original"`` there. Text targets are the whole prompt (vlmopt.ir.mmtok)."""
+    mmtok/llava/llava_inject.py; its Qwen2.5-VL port uses tv_temperature 0.01, keeps 20% and
+    the original M-RoPE ids: pass ``positions="original"`` there). Its LLaVA path rebuilds
+    the sequence with ``position_ids=None`` (mmtok/llava/llava_arch_mmtok.py): contiguous
+    positions, the default here. Text targets are the whole prompt (vlmopt.ir.mmtok)."""
     return Config(method="mmtok", keep=keep, alpha=alpha, tv_temperature=tv_temperature,
                   vv_temperature=vv_temperature, positions=positions)
 
@@ -220,8 +209,8 @@ def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contigu
     attention. Follows Theia-4869/VisPruner at aefa01a (llava/model/llava_arch.py,
     ``encode_images`` and ``prepare_inputs_labels_for_multimodal``; important_ratio default
     0.5 from llava/eval/model_vqa_loader.py): the pruned sequence is rebuilt with
-    ``position_ids=None``, so positions are contiguous: the default here; ``"original"`` is
-    vlmopt's variant."""
+    ``position_ids=None``, so positions are contiguous: the default here. CLS-free towers rank
+    by the last ViT layer's received attention (its SigLIP tower's rule, ``Config.score``)."""
     return Config(method="vispruner", keep=keep, positions=positions,
                   important_ratio=important_ratio)
 
@@ -250,7 +239,6 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     if keep == nv or (isinstance(keep, float) and keep == 1.0):
         stats["skipped"] = f"keep equals the {nv} visual tokens: nothing to select"
         return PassResult(gm, False, stats)
-
     patch_scores = vfeats = None
     m = config.method
     if m in ("visionzip", "vispruner", "vtc_cls"):

@@ -91,7 +91,7 @@ def test_preset_defaults_to_the_official_counting_and_keeps_lightcompress_as_a_v
 
 @pytest.mark.parametrize("fields,msg", [
     ({"positions": "original"}, "field 'cls'.*contiguous"),
-    ({"score": "received"}, "field 'cls'.*CLS"),
+    ({"score": "received"}, "field 'cls'.*CLS token"),
     ({"keep": 6, "contextual": 6}, "field 'cls'.*>= 1"),
     ({"method": "divprune", "contextual": 0}, "field 'cls' is for method 'visionzip'"),
     ({"cls": "both"}, "field 'cls' must be one of"),
