@@ -59,12 +59,12 @@ def resolve_score(gm: fx.GraphModule, config) -> str:
         "cls" if has_cls or config.method == "vtc_cls" else "received")
     if (score == "cls" or config.cls == "official") and not has_cls:
         field = "score" if config.cls == "patches" else "cls"
-        alt = ("; VTC-CLS defines no variant without it" if config.method == "vtc_cls" else
-               "; score 'received' with cls 'patches' ranks by the attention tokens receive")
-        raise ValueError(f"select_visual: node {node_by_block(gm, 'vision').name!r}: field "
-                         f"{field!r}: {config.method} with {field} "
-                         f"{getattr(config, field)!r} needs a [CLS] token that the LLM does "
-                         f"not read; this vision tower has none{alt}")
+        name = {"visionzip": "VisionZip", "vispruner": "VisPruner"}.get(config.method, "VTC-CLS")
+        alt = ("VTC-CLS defines no variant without it" if config.method == "vtc_cls" else
+               "score 'received' with cls 'patches' ranks by the attention tokens receive")
+        raise ValueError(f"select_visual: node {node_by_block(gm, 'vision').name!r}: {name} "
+                         f"needs a CLS token that the LLM does not read (field {field!r} is "
+                         f"{getattr(config, field)!r}); this vision tower has none: {alt}")
     return score
 
 
