@@ -178,3 +178,20 @@ def test_compare_and_baselines_show_both_countings(loaded_tiny):
         steps = sp.steps_of(rows[name])
         assert sp.ratio(steps, "llm") <= 0.4, name
         run_passes(capture(loaded_tiny.model), [(n, make_config(n, f)) for n, f in steps])
+
+
+def test_show_refuses_the_official_layout_it_cannot_draw(loaded_tiny):
+    from vlmopt import visualize
+    from vlmopt.data import synthvqa
+    from vlmopt.errors import VlmoptError
+
+    s = synthvqa.sample(5, 0)
+    batch = visualize.encode_one(loaded_tiny, s.prompt, s.image)
+    for cls, ok in (("official", False), ("patches", True)):
+        gm, _ = run_passes(capture(loaded_tiny.model), [("select_visual", sv.visionzip(
+            DOMINANT, CONTEXTUAL, cls=cls))])
+        if ok:
+            assert visualize.trace(loaded_tiny, gm, batch)[0].stages[1].kind == "select"
+        else:
+            with pytest.raises(VlmoptError, match="official order.*cannot be drawn"):
+                visualize.trace(loaded_tiny, gm, batch)

@@ -129,7 +129,8 @@ def visionzip_scores(gm: fx.GraphModule, nv: int, keep: int, contextual: int,
     g = gm.graph
     with g.inserting_before(proj):
         z = g.call_module(name, tuple(getitems(g, vis, 3 + int(official))))
-        tag(z, select_op="contextual_merge", contextual=contextual, n_merge=merger.n_merge)
+        tag(z, select_op="contextual_merge", contextual=contextual, n_merge=merger.n_merge,
+            reordered=official)  # official: rows are [CLS, dominant, contextual], not patches
         feats, kept = getitems(g, z, 2)
     proj.args = (feats,)
     return kept
