@@ -17,24 +17,20 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
       receives, mean over heads and queries (vlmopt.ir.received).
   divprune: greedy max-min diversity on cosine distance of the post-projector embeddings,
       starting from the most isolated token. Tokens already chosen are excluded explicitly, so
-      exact duplicates still yield ``keep`` distinct tokens (LightCompress's port can re-pick
-      a chosen token there and keep fewer).
+      exact duplicates still yield ``keep`` distinct tokens (LightCompress's can keep fewer).
   kcenter: ToDRE's first stage - greedy k-center on the same distance: divprune's greedy
       loop started at the token closest to the mean embedding (the sets overlap only partly).
-  pool: LLaVolta-style g x g adaptive average pooling of the embedding grid (keep = g * g);
-      each pooled token sits in the slot of the patch nearest its window's centre.
-  random: a fixed hash of the original positions (the baseline; same as drop_tokens').
+  pool: LLaVolta-style g x g average pooling of the embedding grid (keep = g * g), each pooled
+      token in the slot of the patch nearest its window's centre. random: a position hash.
   vispruner: VisPruner (Theia-4869/VisPruner at aefa01a; rule in vlmopt/ir/vispruner.py):
       int(keep * important_ratio) patches by CLS attention of the feature layer's ViT layer
       (CLS-free towers: received attention of the last ViT layer, its SigLIP code's rule),
-      the rest from the remaining patches by repeatedly dropping, in rounds of up to 8, the
-      even-position tokens most similar (cosine of the vision features) to an odd-position
-      one. PyTorch only (the loop grows with the tokens removed; export raises).
+      the rest by dropping, in rounds of up to 8, the even-position tokens most similar (vision
+      feature cosine) to an odd-position one. PyTorch only (a growing loop; export raises).
   mmtok: MMTok (Ironieser/MMTok at d1522cd; rule and deviations in vlmopt/ir/mmtok.py): greedy
       maximum coverage of the prompt's text tokens (text -> visual-embedding cosine) and of all
       vision features before the projector (vision -> vision), softmax-normalised, weighted
-      1 : alpha; ``keep`` steps, exported as one ONNX Loop. Also on CLS-free towers (Qwen-VL:
-      merge-group means of the last ViT block).
+      1 : alpha; ``keep`` steps, one ONNX Loop (Qwen-VL: merge-group means of the last block).
   vtc_cls: VTC-CLS (THU-MIG/VTC-CLS at e41ac9b; vlmopt/ir/vtc_cls.py): top-``keep`` patches by
       the head-mean CLS attention summed over ViT layers ``start_layer`` .. the feature layer.
       CLS towers only (its code has no CLS-free variant): refused on others.
@@ -87,6 +83,7 @@ class Config:
     # visionzip: "patches" - CLS is no LLM token (LightCompress's counting); "official" - it is
     # the first of the keep - contextual dominant tokens, in the official order (``visionzip``)
     cls: str = "patches"
+    layer: int | None = None  # visionzip: hidden_states index read; None: the projector's
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -140,6 +137,10 @@ class Config:
                 raise ValueError(f"field {name!r} must be one of {allowed}, got {v!r}")
         if self.score != "auto" and self.method not in ranked:
             raise ValueError(f"field 'score' is for methods {ranked} only")
+        if self.layer is not None and (self.method != "visionzip" or isinstance(self.layer, bool)
+                                       or not isinstance(self.layer, int)):
+            raise ValueError(f"field 'layer' is an integer for method 'visionzip' only, got "
+                             f"{self.layer!r}")
         if self.method == "vtc_cls" and self.score == "received":
             raise ValueError("field 'score': VTC-CLS defines no received-attention variant "
                              "(its code ranks by CLS attention only)")
@@ -157,21 +158,22 @@ SEARCH_SPACE = {"method": list(METHODS[1:]), "keep": "visual tokens kept, 1..Nv 
 
 
 def visionzip(dominant: int, contextual: int, positions: str = "contiguous",
-              cls: str = "official", score: str = "auto") -> Config:
+              cls: str = "official", score: str = "auto", layer: int | None = None) -> Config:
     """VisionZip(dominant, contextual), e.g. (54, 10) for 64 LLM tokens, as the official code
     runs it (dvlab-research/VisionZip at 3151f6d): ``visionzip(model, 54, 10)`` keeps CLS plus
     the top-53 patches by CLS attention (visionzip/main.py passes dominant - 1;
     visionzip/clip_encoder.py prepends index 0) and feeds [CLS, dominant patches in index
     order, contextual tokens] to the projector and the LLM, which visionzip/llava_arch.py
     rebuilds with ``position_ids=None`` (contiguous positions). It reads
-    ``hidden_states[-2]`` and ``attentions[-2]``: LLaVA-1.5's feature layer; vlmopt reads the
-    projector's feature layer, the same layer there. ``cls="patches"``: LightCompress's
-    counting (llmc/compression/token_reduction/visionzip.py: 54 patches, its CLS dropped by
-    strategy "default") in vlmopt's layout (contextual tokens in their target's slot), which
-    also takes ``positions="original"``. CLS-free towers: ``cls="patches"``; ``score`` "auto"
-    ranks by received attention there (``Config.score``)."""
+    ``hidden_states[-2]`` and ``attentions[-2]`` (hard-coded: LLaVA-1.5's feature layer);
+    vlmopt reads the projector's feature layer, the same there (``layer=-2`` forces the
+    literal read elsewhere). ``cls="patches"``: LightCompress's counting
+    (llmc/compression/token_reduction/visionzip.py: 54 patches, CLS dropped by strategy
+    "default") in vlmopt's layout (contextual tokens in their target's slot), which also takes
+    ``positions="original"``. CLS-free towers: ``cls="patches"``, ranked by received attention
+    (``Config.score``)."""
     return Config(method="visionzip", keep=dominant + contextual, contextual=contextual,
-                  positions=positions, cls=cls, score=score)
+                  positions=positions, cls=cls, score=score, layer=layer)
 
 
 def divprune(keep: int, positions: str = "contiguous") -> Config:
@@ -194,12 +196,10 @@ def mmtok(keep: int | float, alpha: float = 0.5, tv_temperature: float = 0.02,
 
 
 def vtc_cls(keep: int, start_layer: int = 16, positions: str = "contiguous") -> Config:
-    """VTC-CLS keeping ``keep`` patches by CLS attention summed over ViT layers
-    ``start_layer`` .. the feature layer. Follows THU-MIG/VTC-CLS at e41ac9b
-    (llava/model/multimodal_encoder/clip_encoder.py ``cls_token_only``,
-    llava/model/llava_arch.py ``encode_images``; ``--layer`` default 16 in
-    llava/eval/model_vqa_loader.py): the pruned sequence is rebuilt with
-    ``position_ids=None``, so positions are contiguous: the default here."""
+    """VTC-CLS keeping ``keep`` patches by CLS attention summed over ViT layers ``start_layer``
+    .. the feature layer. Follows THU-MIG/VTC-CLS at e41ac9b (llava/model/multimodal_encoder/
+    clip_encoder.py ``cls_token_only``, llava/model/llava_arch.py ``encode_images``; ``--layer``
+    default 16 in llava/eval/model_vqa_loader.py): contiguous positions (``position_ids=None``)."""
     return Config(method="vtc_cls", keep=keep, start_layer=start_layer, positions=positions)
 
 
@@ -245,9 +245,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         stats["score"] = score = wire.resolve_score(gm, config)
     if m == "visionzip":
         stats["cls"] = config.cls
-        patch_scores = (wire.received_scores(gm) if nv is None else
+        patch_scores = (wire.received_scores(gm, config.layer) if nv is None else
                         wire.visionzip_scores(gm, nv, keep, config.contextual, score,
-                                              config.cls == "official"))
+                                              config.cls == "official", config.layer))
     elif m == "vispruner":
         if nv is None:
             raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a fixed "

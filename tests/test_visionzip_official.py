@@ -85,7 +85,7 @@ def test_preset_defaults_to_the_official_counting_and_keeps_lightcompress_as_a_v
                                                                  "contiguous")
     lc = sv.visionzip(54, 10, cls="patches")
     assert (lc.keep, lc.cls) == (64, "patches")
-    for c in (off, lc, sv.visionzip(54, 10, positions="original", cls="patches")):
+    for c in (off, lc, sv.visionzip(54, 10, positions="original", cls="patches", layer=-2)):
         assert make_config("select_visual", json.loads(json.dumps(dataclasses.asdict(c)))) == c
 
 
@@ -118,6 +118,26 @@ def test_llm_reads_cls_dominant_then_contextual_tokens_as_the_official_rule(llav
             got = gm(**one)[0]
         torch.testing.assert_close(got, _reference_logits(model, one, want[b]), rtol=1e-4,
                                    atol=1e-5, msg=f"sample {b}")
+
+
+def test_layer_minus_2_reads_what_the_official_code_reads_on_a_last_layer_projector():
+    """The official code hard-codes hidden_states[-2]; vlmopt reads the projector's layer (the
+    same on LLaVA-1.5) unless ``layer`` says otherwise."""
+    model, batch = tiny_model_and_batch(vision_layers=3, feature_layer=-1, seed=4)
+    one = single_sample(batch, 1)
+    want = _official_visual_tokens(model, one["pixel_values"], DOMINANT, CONTEXTUAL)
+    with torch.no_grad():
+        ref = _reference_logits(model, one, model.model.multi_modal_projector(want[0]))
+    lit, _ = run_passes(capture(model), [("select_visual", sv.visionzip(
+        DOMINANT, CONTEXTUAL, layer=-2))], example=batch)
+    own, _ = run_passes(capture(model), [("select_visual", sv.visionzip(DOMINANT, CONTEXTUAL))])
+    with torch.no_grad():
+        torch.testing.assert_close(lit(**one)[0], ref, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(own(**one)[0], ref, atol=1e-4)
+    with pytest.raises(ValueError, match="select_visual: node 'vision': field 'layer'.*-4..3"):
+        run_passes(capture(model), [("select_visual", sv.visionzip(20, 6, layer=-5))])
+    with pytest.raises(ValueError, match="field 'layer' is an integer for method 'visionzip'"):
+        sv.Config("divprune", 20, layer=-2)
 
 
 def test_the_official_set_is_not_lightcompress_counting(llava15_like):

@@ -69,15 +69,28 @@ def resolve_score(gm: fx.GraphModule, config) -> str:
 
 
 def with_cls_attention(gm: fx.GraphModule, method: str, hint: str = "",
-                       cls_feature: bool = False):
+                       cls_feature: bool = False, layer: int | None = None):
     """The vision node also returns the CLS attention and head-mean keys of the layer feeding
-    the projector (select.VisionClsAttention; with ``cls_feature`` also CLS's features);
-    returns (vision node, project node)."""
+    the projector (select.VisionClsAttention; with ``cls_feature`` also CLS's features;
+    ``layer``: features and attention of ``hidden_states[layer]`` instead); returns (vision
+    node, project node)."""
     return _swap_vision(gm, method, lambda old: select.VisionClsAttention(
-        old.tower, old.feature_layer, old.drop_cls, cls_feature), "vision_cls", hint)
+        old.tower, _layer(old, layer), old.drop_cls, cls_feature), "vision_cls", hint)
 
 
-def with_received_attention(gm: fx.GraphModule, method: str, last: bool = False):
+def _layer(vision: nn.Module, layer: int | None) -> int:
+    """The hidden_states index a selection reads: ``layer``, or the projector's."""
+    if layer is None:
+        return vision.feature_layer
+    n = len(select.vision_layers(vision.tower)) + 1
+    if not -n <= layer < n:
+        raise ValueError(f"field 'layer' must index the tower's {n} hidden states "
+                         f"({-n}..{n - 1}), got {layer}")
+    return layer
+
+
+def with_received_attention(gm: fx.GraphModule, method: str, last: bool = False,
+                            layer: int | None = None):
     """CLS-free fixed-grid towers: the vision node also returns the attention each visual
     token receives and the head-mean keys (vlmopt.ir.received.VisionReceived) of the layer
     feeding the projector, or (``last``) of the last ViT layer; returns (vision, project)."""
@@ -86,7 +99,7 @@ def with_received_attention(gm: fx.GraphModule, method: str, last: bool = False)
     vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
     old = gm.get_submodule(vis.target)
     try:
-        mod = VisionReceived(old.tower, old.feature_layer, old.drop_cls, -1 if last else None)
+        mod = VisionReceived(old.tower, _layer(old, layer), old.drop_cls, -1 if last else None)
     except ValueError as e:
         raise ValueError(f"select_visual: node {vis.name!r}: {method}: {e}") from None
     vis.target = add_module(gm, "vision_received", mod)
@@ -113,16 +126,18 @@ def vispruner_scores(gm: fx.GraphModule, nv: int, keep: int, ratio: float,
 
 
 def visionzip_scores(gm: fx.GraphModule, nv: int, keep: int, contextual: int,
-                     score: str = "cls", official: bool = False) -> fx.Node:
+                     score: str = "cls", official: bool = False, layer: int | None = None
+                     ) -> fx.Node:
     """vision -> project becomes vision(+CLS or received attention) -> contextual merge ->
     project; returns the node of per-patch kept scores [B, Nv]. ``official``: CLS is the first
     of the ``keep - contextual`` dominant tokens, in the official layout
-    (select.ContextualMerge ``cls_first``)."""
+    (select.ContextualMerge ``cls_first``); ``layer``: the ViT output read (None: the
+    projector's feature layer)."""
     if score == "cls":
         vis, proj = with_cls_attention(gm, "VisionZip", "; score 'received' ranks by the "
-                                       "attention tokens receive", cls_feature=official)
+                                       "attention tokens receive", official, layer)
     else:
-        vis, proj = with_received_attention(gm, "VisionZip")
+        vis, proj = with_received_attention(gm, "VisionZip", layer=layer)
     dominant = keep - contextual - int(official)
     merger = select.ContextualMerge(nv, dominant, contextual, cls_first=official)
     name = add_module(gm, "visionzip", merger)
@@ -171,10 +186,14 @@ def _extra_vision_output(gm: fx.GraphModule, make, select_op: str) -> fx.Node:
     return extra
 
 
-def received_scores(gm: fx.GraphModule) -> fx.Node:
+def received_scores(gm: fx.GraphModule, layer: int | None = None) -> fx.Node:
     """CLS-free towers (Qwen-VL): the attention each LLM token receives in the last ViT block
     (vlmopt.ir.received) [Nv_total]."""
     from vlmopt.ir.received import QwenVisionReceived
+
+    if layer is not None:
+        raise ValueError(f"select_visual: node {node_by_block(gm, 'vision').name!r}: field "
+                         "'layer': this tower's received attention is its last block's")
 
     return _extra_vision_output(gm, lambda old: QwenVisionReceived(old.tower, old.n_deepstack),
                                 "received_attention")
