@@ -4,43 +4,36 @@ Ensures: from layer 0 on, each sample carries exactly ``keep`` visual tokens (st
 text tokens are never touched; kept tokens keep their ORIGINAL position ids and order by default
 (``positions="original"``, vlmopt's variant), or are renumbered 0.. as the official DivPrune and
 VisionZip code does (``positions="contiguous"``, the presets' default); the causal mask and
-RoPE are rebuilt. The projector still runs on all Nv visual
-features, so the cost model's default projector count stays exact.
+RoPE are rebuilt. The projector runs on all Nv visual features (the cost model's count).
 Requires: a captured LLaVA graph with no token change before layer 0; ``keep`` <= Nv.
 
 Methods (shared/methods.md sections 3, 4, 6, 10, 13):
-  visionzip: the vision node also returns the CLS attention (summed over heads) and head-mean
-      keys of the ViT layer producing the projector's features; dominant = top-(keep -
-      contextual) patches by CLS attention; ``contextual`` merged tokens (target + mean of the
-      remaining patches assigned to it by key cosine) are formed in vision-feature space before
-      the projector and written into their target patch's slot (so they take that patch's
-      position; VisionZip appends them after the dominant tokens). CLS itself is never an LLM
-      token here (LLaVA's "default" strategy drops it), so dominant tokens are patches only.
-      Towers without a CLS token (SigLIP, strategy "full") are rejected.
+  visionzip: dominant = top-(keep - contextual) patches by the CLS attention (summed over
+      heads) of the ViT layer producing the projector's features; ``contextual`` merged tokens
+      (target + mean of the remaining patches assigned to it by head-mean key cosine) formed
+      before the projector, in their target's slot (``cls`` "patches": LightCompress's
+      counting) or, with CLS first, in the official order (``cls`` "official", ``visionzip``).
+      CLS-free towers (SigLIP, Qwen-VL): ``score`` "received" - the attention each token
+      receives, mean over heads and queries (vlmopt.ir.received).
   divprune: greedy max-min diversity on cosine distance of the post-projector embeddings,
       starting from the most isolated token. Tokens already chosen are excluded explicitly, so
-      exact duplicates still yield ``keep`` distinct tokens (LightCompress's port can re-pick
-      a chosen token there and keep fewer).
-  kcenter: ToDRE's first stage - greedy k-center (farthest-point traversal) on the same
-      distance. Honestly, it is divprune's greedy loop with another start (the token closest
-      to the mean embedding); the start changes the whole greedy path, so the sets overlap
-      only partly (40-85% on the tiny test model).
-  pool: LLaVolta-style g x g adaptive average pooling of the embedding grid (keep = g * g);
-      each pooled token sits in the slot of the patch nearest its window's centre.
-  random: a fixed hash of the original positions (the baseline; same as drop_tokens').
+      exact duplicates still yield ``keep`` distinct tokens (LightCompress's can keep fewer).
+  kcenter: ToDRE's first stage - greedy k-center on the same distance: divprune's greedy
+      loop started at the token closest to the mean embedding (the sets overlap only partly).
+  pool: LLaVolta-style g x g average pooling of the embedding grid (keep = g * g), each pooled
+      token in the slot of the patch nearest its window's centre. random: a position hash.
   vispruner: VisPruner (Theia-4869/VisPruner at aefa01a; rule in vlmopt/ir/vispruner.py):
-      int(keep * important_ratio) patches by CLS attention of the feature layer's ViT layer,
-      the rest from the remaining patches by repeatedly dropping, in rounds of up to 8, the
-      even-position tokens most similar (cosine of the vision features) to an odd-position
-      one. PyTorch only (the loop grows with the tokens removed; export raises).
+      int(keep * important_ratio) patches by CLS attention of the feature layer's ViT layer
+      (CLS-free towers: received attention of the last ViT layer, its SigLIP code's rule),
+      the rest by dropping, in rounds of up to 8, the even-position tokens most similar (vision
+      feature cosine) to an odd-position one. PyTorch only (a growing loop; export raises).
   mmtok: MMTok (Ironieser/MMTok at d1522cd; rule and deviations in vlmopt/ir/mmtok.py): greedy
       maximum coverage of the prompt's text tokens (text -> visual-embedding cosine) and of all
       vision features before the projector (vision -> vision), softmax-normalised, weighted
-      1 : alpha; ``keep`` steps, exported as one ONNX Loop. Also on CLS-free towers (Qwen-VL:
-      merge-group means of the last ViT block).
+      1 : alpha; ``keep`` steps, one ONNX Loop (Qwen-VL: merge-group means of the last block).
   vtc_cls: VTC-CLS (THU-MIG/VTC-CLS at e41ac9b; vlmopt/ir/vtc_cls.py): top-``keep`` patches by
       the head-mean CLS attention summed over ViT layers ``start_layer`` .. the feature layer.
-      CLS towers only (no received-attention variant: that is VisionZip's rule).
+      CLS towers only (its code has no CLS-free variant): refused on others.
 """
 
 from __future__ import annotations
@@ -58,6 +51,8 @@ from vlmopt.passreg import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner", "mmtok",
            "vtc_cls")
+SCORES = ("auto", "cls", "received")
+CLS = ("patches", "official")
 
 
 @dataclass(frozen=True)
@@ -81,11 +76,20 @@ class Config:
     # vtc_cls only: first ViT layer of the CLS-attention ensemble (official default 16 of 24;
     # negative counts from the end, as a Python slice)
     start_layer: int = 16
+    # visionzip / vispruner / vtc_cls: "cls" ranks by the [CLS] query's attention, "received"
+    # by the attention tokens receive (their CLS-free variant; VTC-CLS has none), "auto" by
+    # "cls" where the tower has a [CLS] the LLM does not read (the stats name the choice)
+    score: str = "auto"
+    # visionzip: "patches" - CLS is no LLM token (LightCompress's counting); "official" - it is
+    # the first of the keep - contextual dominant tokens, in the official order (``visionzip``)
+    cls: str = "patches"
+    layer: int | None = None  # visionzip: hidden_states index read; None: the projector's
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"field 'method' must be one of {METHODS}, got {self.method!r}")
         check_positions(self.positions)
+        self._check_score()
         for name, lo, low_ok, hi in (("important_ratio", 0, True, 1), ("alpha", 0, True, None),
                                      ("tv_temperature", 0, False, None),
                                      ("vv_temperature", 0, False, None)):
@@ -121,29 +125,61 @@ class Config:
         if self.method == "pool" and math.isqrt(self.keep) ** 2 != self.keep:
             raise ValueError(f"field 'keep' must be a square g * g for method 'pool', "
                              f"got {self.keep}")
+        if self.cls == "official" and self.keep - self.contextual < 1:
+            raise ValueError(f"field 'cls': 'official' counts CLS among the keep - contextual "
+                             f"= {self.keep - self.contextual} dominant tokens; needs >= 1")
+
+    def _check_score(self):
+        ranked = ("visionzip", "vispruner", "vtc_cls")
+        for name, allowed in (("score", SCORES), ("cls", CLS)):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"field {name!r} must be one of {allowed}, got {v!r}")
+        if self.score != "auto" and self.method not in ranked:
+            raise ValueError(f"field 'score' is for methods {ranked} only")
+        if self.layer is not None and (self.method != "visionzip" or isinstance(self.layer, bool)
+                                       or not isinstance(self.layer, int)):
+            raise ValueError(f"field 'layer' is an integer for method 'visionzip' only, got "
+                             f"{self.layer!r}")
+        if self.method == "vtc_cls" and self.score == "received":
+            raise ValueError("field 'score': VTC-CLS defines no received-attention variant "
+                             "(its code ranks by CLS attention only)")
+        if self.cls == "official" and (self.method != "visionzip" or self.score == "received"):
+            raise ValueError("field 'cls' is for method 'visionzip' only, ranked by a CLS token")
+        if self.cls == "official" and (self.positions != "contiguous"
+                                       or isinstance(self.keep, float)):
+            raise ValueError("field 'cls': 'official' needs positions 'contiguous' and a count "
+                             "keep (CLS has no patch position; the official code renumbers)")
 
 
-# The search space lives beside the defaults: what a strategy may vary.
+# The search space (what a strategy may vary) lives beside the defaults.
 SEARCH_SPACE = {"method": list(METHODS[1:]), "keep": "visual tokens kept, 1..Nv (pool: g*g)",
                 "contextual": "visionzip: 0..keep (paper: keep * 10 / 64)"}
 
 
-def visionzip(dominant: int, contextual: int, positions: str = "contiguous") -> Config:
-    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 tokens, CLS not counted (the
-    LightCompress port's counting). The official code (dvlab-research/VisionZip at 3151f6d,
-    visionzip/llava_arch.py) rebuilds the sequence from the kept features with
-    ``position_ids=None``, so its positions are contiguous: the default here. Still vlmopt's:
-    the count excludes CLS and contextual tokens
-    sit in their target patch's slot, not after the dominant ones."""
+def visionzip(dominant: int, contextual: int, positions: str = "contiguous",
+              cls: str = "official", score: str = "auto", layer: int | None = None) -> Config:
+    """VisionZip(dominant, contextual), e.g. (54, 10) for 64 LLM tokens, as the official code
+    runs it (dvlab-research/VisionZip at 3151f6d): ``visionzip(model, 54, 10)`` keeps CLS plus
+    the top-53 patches by CLS attention (visionzip/main.py passes dominant - 1;
+    visionzip/clip_encoder.py prepends index 0) and feeds [CLS, dominant patches in index
+    order, contextual tokens] to the projector and the LLM, which visionzip/llava_arch.py
+    rebuilds with ``position_ids=None`` (contiguous positions). It reads
+    ``hidden_states[-2]`` and ``attentions[-2]`` (hard-coded: LLaVA-1.5's feature layer);
+    vlmopt reads the projector's feature layer, the same there (``layer=-2`` forces the
+    literal read elsewhere). ``cls="patches"``: LightCompress's counting
+    (llmc/compression/token_reduction/visionzip.py: 54 patches, CLS dropped by strategy
+    "default") in vlmopt's layout (contextual tokens in their target's slot), which also takes
+    ``positions="original"``. CLS-free towers: ``cls="patches"``, ranked by received attention
+    (``Config.score``)."""
     return Config(method="visionzip", keep=dominant + contextual, contextual=contextual,
-                  positions=positions)
+                  positions=positions, cls=cls, score=score, layer=layer)
 
 
 def divprune(keep: int, positions: str = "contiguous") -> Config:
     """DivPrune keeping ``keep`` tokens. The official LLaVA path (vbdi/divprune at 799e2d9,
     LLaVA/llava/model/llava_arch.py) returns ``position_ids=None`` with the pruned sequence, so
-    positions are contiguous: the default here; ``"original"`` is vlmopt's
-    variant."""
+    positions are contiguous: the default here; ``"original"`` is vlmopt's variant."""
     return Config(method="divprune", keep=keep, positions=positions)
 
 
@@ -151,22 +187,19 @@ def mmtok(keep: int | float, alpha: float = 0.5, tv_temperature: float = 0.02,
           vv_temperature: float = 0.2, positions: str = "contiguous") -> Config:
     """MMTok keeping ``keep`` tokens (a fraction on dynamic-resolution models). Follows
     Ironieser/MMTok at d1522cd (mmtok/core/semantic_selector.py; defaults from
-    mmtok/llava/llava_inject.py; the Qwen2.5-VL port, mmtok/qwen/qwen2_5_vl_mmtok.py, uses
-    tv_temperature 0.01 and keeps 20%). Its LLaVA path rebuilds the sequence with
-    ``position_ids=None`` (mmtok/llava/llava_arch_mmtok.py), so positions are contiguous: the
-    default here; its Qwen path gathers the original M-RoPE ids, so pass
-    ``positions="original"`` there. Text targets are the whole prompt (vlmopt.ir.mmtok)."""
+    mmtok/llava/llava_inject.py; its Qwen2.5-VL port uses tv_temperature 0.01, keeps 20% and
+    the original M-RoPE ids: pass ``positions="original"`` there). Its LLaVA path rebuilds
+    the sequence with ``position_ids=None`` (mmtok/llava/llava_arch_mmtok.py): contiguous
+    positions, the default here. Text targets are the whole prompt (vlmopt.ir.mmtok)."""
     return Config(method="mmtok", keep=keep, alpha=alpha, tv_temperature=tv_temperature,
                   vv_temperature=vv_temperature, positions=positions)
 
 
 def vtc_cls(keep: int, start_layer: int = 16, positions: str = "contiguous") -> Config:
-    """VTC-CLS keeping ``keep`` patches by CLS attention summed over ViT layers
-    ``start_layer`` .. the feature layer. Follows THU-MIG/VTC-CLS at e41ac9b
-    (llava/model/multimodal_encoder/clip_encoder.py ``cls_token_only``,
-    llava/model/llava_arch.py ``encode_images``; ``--layer`` default 16 in
-    llava/eval/model_vqa_loader.py): the pruned sequence is rebuilt with
-    ``position_ids=None``, so positions are contiguous: the default here."""
+    """VTC-CLS keeping ``keep`` patches by CLS attention summed over ViT layers ``start_layer``
+    .. the feature layer. Follows THU-MIG/VTC-CLS at e41ac9b (llava/model/multimodal_encoder/
+    clip_encoder.py ``cls_token_only``, llava/model/llava_arch.py ``encode_images``; ``--layer``
+    default 16 in llava/eval/model_vqa_loader.py): contiguous positions (``position_ids=None``)."""
     return Config(method="vtc_cls", keep=keep, start_layer=start_layer, positions=positions)
 
 
@@ -176,8 +209,8 @@ def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contigu
     attention. Follows Theia-4869/VisPruner at aefa01a (llava/model/llava_arch.py,
     ``encode_images`` and ``prepare_inputs_labels_for_multimodal``; important_ratio default
     0.5 from llava/eval/model_vqa_loader.py): the pruned sequence is rebuilt with
-    ``position_ids=None``, so positions are contiguous: the default here; ``"original"`` is
-    vlmopt's variant."""
+    ``position_ids=None``, so positions are contiguous: the default here. CLS-free towers rank
+    by the last ViT layer's received attention (its SigLIP tower's rule, ``Config.score``)."""
     return Config(method="vispruner", keep=keep, positions=positions,
                   important_ratio=important_ratio)
 
@@ -206,17 +239,20 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     if keep == nv or (isinstance(keep, float) and keep == 1.0):
         stats["skipped"] = f"keep equals the {nv} visual tokens: nothing to select"
         return PassResult(gm, False, stats)
-
     patch_scores = vfeats = None
     m = config.method
+    if m in ("visionzip", "vispruner", "vtc_cls"):
+        stats["score"] = score = wire.resolve_score(gm, config)
     if m == "visionzip":
-        patch_scores = (wire.received_scores(gm) if nv is None else
-                        wire.visionzip_scores(gm, nv, keep, config.contextual))
+        stats["cls"] = config.cls
+        patch_scores = (wire.received_scores(gm, config.layer) if nv is None else
+                        wire.visionzip_scores(gm, nv, keep, config.contextual, score,
+                                              config.cls == "official", config.layer))
     elif m == "vispruner":
         if nv is None:
-            raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a CLS "
-                             "vision tower with a fixed grid; this model has neither")
-        patch_scores = wire.vispruner_scores(gm, nv, keep, config.important_ratio)
+            raise ValueError(f"select_visual: node {decs[0].name!r}: VisPruner needs a fixed "
+                             "visual-token grid; this model's count follows the image size")
+        patch_scores = wire.vispruner_scores(gm, nv, keep, config.important_ratio, score)
     elif m == "vtc_cls":
         patch_scores = wire.vtc_cls_scores(gm, config.start_layer)
     elif m == "mmtok":

@@ -4,7 +4,10 @@ report's comparison spends (at most) the same budget.
 
 PyramidDrop, VisionZip and DivPrune come twice where the model has 1-row positions: as their
 official code runs them (positions renumbered 0.. after the cut; the plain name) and as vlmopt's
-variant that keeps each token's original position id (", original positions"). FastV's official
+variant that keeps each token's original position id (", original positions"). VisionZip also
+comes with LightCompress's counting (", patches only": CLS is no LLM token) beside the official
+one (CLS counted among the dominant tokens; dvlab-research/VisionZip at 3151f6d), and on a
+CLS-free tower (SigLIP) as its received-attention variant only. FastV's official
 code keeps the original ids. M-RoPE models (Qwen-VL), which the official codes do not cover and
 whose positions encode the image grid, get one row each, with the original positions."""
 
@@ -61,17 +64,39 @@ def at_target(space: Space, target: float, scope: str) -> list[tuple[str, Candid
     for name, method in (("VisionZip", "visionzip"), ("DivPrune", "divprune"),
                          ("random", "random"), ("downsampling", "pool")):
         if space.dynamic and method in ("visionzip", "pool"):
-            continue  # they need a fixed CLS-ranked / square grid (dynamic resolution has none)
+            continue  # they need a fixed grid for the contextual merge / pooling
 
-        def select(c, method=method, positions="original"):
-            return Candidate(snap([int(c)] * L, N, method), method, positions=positions)
+        def select(c, method=method, positions="original", cls="patches"):
+            return Candidate(snap([int(c)] * L, N, method), method, positions=positions, cls=cls)
 
-        rows = both(name) if method in ("visionzip", "divprune") else [(name, "original")]
+        rows = [(r, p, "patches") for r, p in both(name)] if method == "divprune" else \
+            [(name, "original", "patches")]
+        if method == "visionzip":
+            rows = _visionzip_rows(space, both)
         if method == "pool":
             g = space.fit(lambda x: select(x * x), 1, math.isqrt(N), target, scope, integer=True)
             out.append((name, None if g is None else select(g * g)))
-        else:
-            c = space.fit(select, 1, N, target, scope, integer=True)
-            for row, positions in rows:
-                out.append((row, None if c is None else select(c, positions=positions)))
+            continue
+        fitted: dict = {}  # one fit per CLS counting (its merge FLOPs differ by one token)
+        for row, positions, cls in rows:
+            if cls not in fitted:
+                fitted[cls] = space.fit(lambda x, p=positions, k=cls: select(x, positions=p,
+                                                                             cls=k),
+                                        1, N, target, scope, integer=True)
+            c = fitted[cls]
+            out.append((row, None if c is None else select(c, positions=positions, cls=cls)))
     return out
+
+
+def _visionzip_rows(space: Space, both) -> list[tuple[str, str, str]]:
+    """(row, positions, cls) of VisionZip: on a tower with a [CLS] the LLM does not read, the
+    official code's counting (CLS among the dominant tokens, its order, contiguous positions;
+    the plain name), LightCompress's (patches only) and vlmopt's original positions; on a
+    CLS-free tower the received-attention variant (the plan's ``score``: "received")."""
+    if not space.has_cls:
+        return [(r, p, "patches") for r, p in both("VisionZip (received attention)")]
+    rows = [(r, p, "patches") for r, p in both("VisionZip")]
+    if rows[0][1] == "contiguous":
+        rows = [("VisionZip", "contiguous", "official"),
+                ("VisionZip, patches only (LightCompress)", "contiguous", "patches"), *rows[1:]]
+    return rows

@@ -38,11 +38,14 @@ class Candidate:
     score_at: str = "previous"  # FastV scores at the layer before a cut; PyramidDrop "next"
     positions: str = "original"  # or "contiguous": renumbered after each cut (official codes)
     extra: tuple = field(default=())  # further (pass, fields) steps, e.g. lowrank_qk/quantize
+    cls: str = "patches"  # visionzip: or "official" (CLS counted, official order; contiguous)
 
-    def steps(self, n_visual: int, fractions: bool = False) -> list[tuple[str, dict]]:
+    def steps(self, n_visual: int, fractions: bool = False, score: str | None = None
+              ) -> list[tuple[str, dict]]:
         """The plan steps; ``fractions``: budgets as fractions of what reaches each cut (a
         dynamic-resolution model, whose counts follow the image; ``n_visual`` is then the
-        reference image's count), 0 staying the count 0."""
+        reference image's count), 0 staying the count 0; ``score``: what ranks a VisionZip
+        selection on this tower (select_visual's field; None: left to the pass)."""
         def budget(c: int, of: int):
             return c / of if fractions and c else c
 
@@ -54,6 +57,10 @@ class Candidate:
             fields = {"method": method, "keep": budget(self.counts[0], n_visual)}
             if method == "visionzip":
                 fields["contextual"] = visionzip_contextual(self.counts[0])
+                if self.cls != "patches":
+                    fields["cls"] = self.cls
+                if score:
+                    fields["score"] = score
             if self.positions != "original":
                 fields["positions"] = self.positions
             steps.append(("select_visual", fields))
@@ -158,11 +165,16 @@ class Space:
         # exports as one ONNX Loop with its count computed in the graph (ir.select.greedy_loop)
         self.default_select = "divprune" if self.dynamic else "visionzip"
         self.select_methods = ("none", "divprune") if self.dynamic else SEARCH_SELECT
+        # CLS-ranked selections on this tower: by CLS attention (the pass's default), or
+        # (SigLIP, Qwen-VL: no CLS the LLM does not read) by received attention, which the
+        # plans then say (select_visual's ``score``)
+        self.has_cls = bool(lm.adapter.has_cls)
+        self.score = None if self.has_cls else "received"
         self._ratios: dict[str, dict] = {}
         self.base = self.flops([])
 
     def steps_of(self, cand: Candidate) -> list[tuple[str, dict]]:
-        return cand.steps(self.n_visual, fractions=self.dynamic)
+        return cand.steps(self.n_visual, fractions=self.dynamic, score=self.score)
 
     def flops(self, steps: list[tuple[str, dict]]) -> dict:
         """{"total", "llm", "ratio_total", "ratio_llm", "per_node"} for a plan's steps."""

@@ -3,6 +3,7 @@ against plain runs, and baselines at the same FLOPs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import optuna
@@ -12,7 +13,6 @@ from vlmopt.search import baselines, strategies
 from vlmopt.search.evaluator import Evaluator, Metrics
 from vlmopt.search.space import (
     SEARCH_SELECT,
-    Candidate,
     Space,
     counts_of,
     sigmoid_counts,
@@ -31,6 +31,7 @@ class ToySpace(Space):
         self.n_visual, self.n_layers, self._ratios = N, L, {}
         self.dynamic, self.default_select = False, "visionzip"
         self.select_methods = SEARCH_SELECT
+        self.has_cls, self.score = True, None
         self.base = self.flops([])
 
     def flops(self, steps):
@@ -141,8 +142,8 @@ def test_baselines_spend_at_most_the_budget_and_one_more_token_would_exceed_it(l
         r = sp.ratio(cand, "llm")
         assert r <= 0.4, name
         if cand.select in ("divprune", "visionzip", "random"):
-            bigger = Candidate(snap([cand.counts[0] + 1] * sp.n_layers, sp.n_visual,
-                                    cand.select), cand.select)
+            bigger = dataclasses.replace(cand, counts=snap(
+                [cand.counts[0] + 1] * sp.n_layers, sp.n_visual, cand.select))
             assert sp.ratio(bigger, "llm") > 0.4, name
 
 

@@ -32,7 +32,7 @@ from vlmopt.pipeline import make_config, run_passes
 N_VIS = 196
 NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids")
 METHODS = {
-    "visionzip": sv.visionzip(20, 6, positions="original"),
+    "visionzip": sv.visionzip(20, 6, positions="original", cls="patches"),
     "divprune": sv.Config("divprune", 30),
     "kcenter": sv.Config("kcenter", 30),
     "pool": sv.Config("pool", 49),
@@ -92,7 +92,10 @@ def test_every_method_brings_exactly_keep_visual_tokens_and_every_text_token_to_
     config = METHODS[method]
     base = capture(model)
     gm, rep = run_passes(base, [("select_visual", config)], example=batch)  # verify_values
-    assert rep[0]["stats"] == {"method": method, "keep": config.keep, "n_visual_in": N_VIS}
+    extra = {"visionzip": {"score": "cls", "cls": "patches"},
+             "vtc_cls": {"score": "cls"}}.get(method, {})
+    assert rep[0]["stats"] == {"method": method, "keep": config.keep, "n_visual_in": N_VIS,
+                               **extra}
     assert [d.meta["vlmopt"]["n_visual"] for d in decoder_nodes(gm)] == [config.keep] * 2
     new = _record(gm, batch, {"layer_0"})["layer_0"]
     old = _record(base, batch, {"layer_0"})["layer_0"]
@@ -219,7 +222,7 @@ def test_contextual_token_is_target_plus_mean_of_its_assigned_patches():
 
 def test_visionzip_merges_before_the_projector(tiny):
     model, batch = tiny
-    gm, _ = run_passes(capture(model), [("select_visual", sv.visionzip(20, 6))])
+    gm, _ = run_passes(capture(model), [("select_visual", sv.visionzip(20, 6, cls="patches"))])
     rec = _record(gm, batch, {"visionzip", "layer_0"})
     feats, kept = rec["visionzip"]
     hidden, vis = rec["layer_0"][0], rec["layer_0"][4]
@@ -286,12 +289,17 @@ def test_budget_above_the_visual_count_is_rejected_and_equal_is_a_no_op(tiny):
     assert rep[0]["changed"] is False and "skipped" in rep[0]["stats"]
 
 
-def test_visionzip_without_a_cls_token_is_rejected():
+def test_cls_scores_on_a_tower_whose_cls_is_an_llm_token_are_refused_or_received():
     cfg, _ = make_tiny_config()
     cfg.vision_feature_select_strategy = "full"  # CLS is an LLM token: no CLS ranks patches
     model = build_tiny_model(cfg=cfg)
-    with pytest.raises(ValueError, match="select_visual.*vision.*CLS"):
-        run_passes(capture(model), [("select_visual", sv.visionzip(20, 4))], verify=False)
+    for config in (sv.visionzip(20, 4), sv.Config("visionzip", 20, score="cls"),
+                   sv.vtc_cls(20)):
+        with pytest.raises(ValueError, match="select_visual: node 'vision': .* needs a CLS.*field"):
+            run_passes(capture(model), [("select_visual", config)], verify=False)
+    _, rep = run_passes(capture(model), [("select_visual", sv.visionzip(20, 4, cls="patches"))],
+                        verify=False)
+    assert rep[0]["stats"]["score"] == "received"
 
 
 def test_verifier_rejects_a_selection_that_renumbers_positions(tiny):

@@ -31,8 +31,8 @@ class Method:
     steps: list  # [(pass name, fields)]
 
 
-def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None
-                    ) -> list[Method]:
+def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None,
+                    has_cls: bool = True) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
@@ -42,6 +42,11 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     the CLS attention of ViT layers L-8 .. the feature layer (``start_layer`` -8: the official
     ``--layer 16`` on LLaVA-1.5's 24-layer CLIP, and valid on any depth). DART (K=2, reduction
     77.8% and 88.9%) keeps the original positions, as its official code does.
+    VisionZip comes three times: the official code's counting (CLS is the first of the
+    dominant tokens, dvlab-research/VisionZip at 3151f6d; the plain name), LightCompress's
+    (", patches only") and vlmopt's original positions. ``has_cls`` False (the adapter's: a
+    SigLIP tower, or a CLIP whose CLS the LLM reads): VisionZip and VisPruner rank by received
+    attention (their CLS-free variants, ``score`` "received"), and no VTC-CLS (it has none).
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
@@ -64,15 +69,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
         pct = f"{k}/{n_visual}"
         if have_select:
-            ctx = max(1, round(k * 10 / 64))
-            ms += [*_both(f"VisionZip {pct}", "select_visual",
-                          {"method": "visionzip", "keep": k, "contextual": ctx}),
+            ms += [*_cls_ranked(k, pct, has_cls),
                    *_both(f"DivPrune {pct}", "select_visual", {"method": "divprune", "keep": k}),
-                   *_both(f"VisPruner {pct}", "select_visual", {"method": "vispruner",
-                                                                 "keep": k}),
                    *_both(f"MMTok {pct}", "select_visual", {"method": "mmtok", "keep": k}),
-                   *_both(f"VTC-CLS {pct}", "select_visual", {"method": "vtc_cls", "keep": k,
-                                                               "start_layer": -8}),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
                    Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
                    Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]
@@ -84,6 +83,23 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         ms.append(Method(f"ShortV {r}/{n_layers} layers",
                          [("freeze_visual", {"layers": sorted(freeze_order[:r])})]))
     return ms
+
+
+def _cls_ranked(k: int, pct: str, has_cls: bool) -> list[Method]:
+    """VisionZip, VisPruner and VTC-CLS at ``k`` tokens, as this tower can run them."""
+    zip_ = {"method": "visionzip", "keep": k, "contextual": max(1, round(k * 10 / 64))}
+    if not has_cls:  # received attention: their CLS-free variants; VTC-CLS has none
+        return [*_both(f"VisionZip {pct} (received attention)", "select_visual",
+                       {**zip_, "score": "received"}),
+                *_both(f"VisPruner {pct} (received attention)", "select_visual",
+                       {"method": "vispruner", "keep": k, "score": "received"})]
+    lc, orig = _both(f"VisionZip {pct}", "select_visual", zip_)
+    return [Method(lc.name, [("select_visual", {**zip_, "positions": "contiguous",
+                                                "cls": "official"})]),
+            Method(f"{lc.name}, patches only (LightCompress)", lc.steps), orig,
+            *_both(f"VisPruner {pct}", "select_visual", {"method": "vispruner", "keep": k}),
+            *_both(f"VTC-CLS {pct}", "select_visual", {"method": "vtc_cls", "keep": k,
+                                                       "start_layer": -8})]
 
 
 def _dart(K: int, keep: int | float, r: float) -> Method:
@@ -110,7 +126,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
         ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
-                      [("select_visual", {"method": "visionzip", "keep": frac})]),
+                      [("select_visual", {"method": "visionzip", "keep": frac,
+                                          "score": "received"})]),
                Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
                                                               "keep": frac})]),
                Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,

@@ -96,6 +96,10 @@ class ModelShapes:
     tower: Tower | None = field(default=None, compare=False, hash=False, repr=False)
     grids: tuple = ()  # one (t, h, w) per image of a sample, in patches before the merge
     qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3)
+    # SigLIP ViT: no CLS, no pre-norm, a biased patch conv, and (vision_use_head) an attention-
+    # pooling head that HF runs on every image although LLaVA reads hidden_states only
+    siglip: bool = False
+    vision_head: bool = False
 
     @property
     def d_q(self) -> int:
@@ -124,14 +128,16 @@ class ModelShapes:
     @classmethod
     def from_llava_config(cls, config, *, bytes_per_el: int | None = None) -> ModelShapes:
         vc, tc = config.vision_config, config.text_config
-        if vc.model_type != "clip_vision_model":
+        siglip = vc.model_type == "siglip_vision_model"
+        if vc.model_type != "clip_vision_model" and not siglip:
             log.warning("vision tower %s: modelled as a CLIP ViT (extra heads are not counted)",
                         vc.model_type)
         has_cls = vc.model_type == "clip_vision_model"
         n_patches = (vc.image_size // vc.patch_size) ** 2
         layer = config.vision_feature_layer
         n_feat = 1 if isinstance(layer, int) else len(layer)
-        drop_cls = has_cls and config.vision_feature_select_strategy == "default"
+        # "default" drops the first token, CLS or not (HF does, on a SigLIP tower too)
+        drop_first = config.vision_feature_select_strategy == "default"
         heads = tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
         qwen2 = tc.model_type == "qwen2"
@@ -152,7 +158,8 @@ class ModelShapes:
             d=tc.hidden_size, m=tc.intermediate_size, n_layers=tc.num_hidden_layers,
             heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
             head_dim=head_dim, vocab=tc.vocab_size,
-            n_visual=n_patches + int(has_cls and not drop_cls),
+            n_visual=n_patches + int(has_cls) - int(drop_first),
+            siglip=siglip, vision_head=siglip and bool(getattr(vc, "vision_use_head", True)),
             qkv_bias=qwen2 or attn_bias, o_bias=attn_bias and not qwen2,
             mlp_bias=bool(getattr(tc, "mlp_bias", False)),
             tied_embeddings=bool(getattr(tc, "tie_word_embeddings", False)
@@ -215,7 +222,10 @@ def vision_flops(s: ModelShapes) -> int:
     per_layer = (4 * n * h * h  # q, k, v, o: [n, h] -> [n, h]
                  + 2 * n * n * h  # QK^T and A.V over all heads
                  + 2 * n * h * s.vision_intermediate)  # fc1, fc2
-    return 2 * (conv + s.vision_layers * per_layer)  # post_layernorm on CLS: no matmul
+    # SigLIP's pooling head: one probe query (q, out_proj, MLP on 1 row), k/v of n tokens
+    head = (2 * h * h + 2 * n * h * h + 2 * n * h + 2 * h * s.vision_intermediate
+            if s.vision_head else 0)
+    return 2 * (conv + s.vision_layers * per_layer + head)  # post_layernorm: no matmul
 
 
 def projector_flops(s: ModelShapes, n_tokens: int) -> int:
@@ -317,10 +327,12 @@ def weight_bytes(s: ModelShapes, layers: list[LayerSpec] | None = None,
     b = s.bytes_per_el if bytes_per_el is None else bytes_per_el
     node_bits = node_bits or {}
     h, i = s.vision_hidden, s.vision_intermediate
-    vision = (s.num_channels * s.patch_size ** 2 * h  # patch conv, no bias
+    vision = (s.num_channels * s.patch_size ** 2 * h + h * int(s.siglip)  # patch conv
               + h * int(s.has_cls) + s.n_vision_tokens * h  # class + position embeddings
-              + 2 * 2 * h  # pre_layrnorm, post_layernorm
-              + s.vision_layers * (4 * (h * h + h) + 2 * 2 * h + 2 * h * i + i + h))
+              + 2 * h * (2 - int(s.siglip))  # (CLIP's pre_layrnorm), post_layernorm
+              + s.vision_layers * (4 * (h * h + h) + 2 * 2 * h + 2 * h * i + i + h)
+              # SigLIP head: probe, in/out projections, layernorm, MLP
+              + int(s.vision_head) * (h + 4 * (h * h + h) + 2 * h + 2 * h * i + i + h))
     pb = node_bits.get("project", {})
     out = {"vision": b * vision, "embed": b * s.vocab * s.d,
            "project": (matrix_bytes(s.d, s.proj_in, pb.get("linear_1", 0), group_size, b, b)
@@ -472,7 +484,8 @@ def score_flops(s: ModelShapes, n_tokens: int, mode: str, n_pivots: int = 0) -> 
 def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     """The matmuls a select_visual node adds (vlmopt.ir.select), per sample; ``info`` is the
     node's meta. cls_attention: the CLS query row and every key of one ViT layer (of each of
-    ``n_cls_layers``, VTC-CLS), and q.k^T; contextual_merge: key cosine [M, C] and the group
+    ``n_cls_layers``, VTC-CLS), and q.k^T; received_attention (a fixed-grid CLS-free tower):
+    every query row of one ViT layer; contextual_merge: key cosine [M, C] and the group
     sums [C, Dv]; diversity: the Nv x Nv cosine matrix; coverage (MMTok): the cosine of every
     one of the ``n_text`` + Nv rows with the Nv visual embeddings, and the Nv x Nv cosine of
     the vision features. Pooling, hashing and scattering count nothing."""
@@ -482,6 +495,9 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     if op == "cls_attention":
         n = s.n_vision_tokens
         return 2 * (h * h + n * h * h + s.vision_heads * n * hd) * info.get("n_cls_layers", 1)
+    if op == "received_attention" and s.tower is None:  # every query row of one ViT layer
+        n = s.n_vision_tokens
+        return 2 * (2 * n * h * h + n * n * h)  # q and k of n tokens, q.k^T of all heads
     if op == "coverage":
         nv = info["n_visual"]
         return 2 * ((n_text + nv) * nv * s.d + nv * nv * h)

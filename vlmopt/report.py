@@ -167,7 +167,9 @@ def plan_label(steps) -> str:
     parts = []
     for name, f in steps:
         if name == "select_visual":
-            parts.append(f"{f['method']} {f['keep']}")
+            how = {"received": " (received attention)"}.get(f.get("score"), "")
+            parts.append(f"{f['method']} {f['keep']}{how}"
+                         + (" incl. CLS" if f.get("cls") == "official" else ""))
         elif name == "drop_tokens":
             parts.append("drops at " + ",".join(k.split("_")[1] for k in f["keep"]))
         elif name == "freeze_visual":

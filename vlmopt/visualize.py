@@ -139,6 +139,13 @@ def trace(lm, gm: fx.GraphModule, batch: dict, base: fx.GraphModule | None = Non
     ``lm.processor`` undoes the pixels' normalization for the drawing."""
     from vlmopt.ir.capture import capture, complete_inputs
 
+    for n in gm.graph.nodes:
+        if n.meta.get("vlmopt", {}).get("reordered"):
+            from vlmopt.errors import VlmoptError
+
+            raise VlmoptError(f"node {n.name!r}: VisionZip with cls 'official' lays the kept "
+                             "tokens out in the official order, not in their patches' slots, "
+                             "so they cannot be drawn on the image (cls 'patches' can)")
     ex = complete_inputs(batch)
     names = gm.meta["vlmopt"]["inputs"]
     rec = _Recorder(gm)

@@ -202,6 +202,13 @@ class Adapter:
         """Visual tokens per image when every image has the same count (LLaVA), else None."""
         return None
 
+    @property
+    def has_cls(self) -> bool:
+        """The tower has a [CLS] token that is not an LLM token, so CLS attention can rank the
+        visual tokens (VisionZip, VisPruner, VTC-CLS). False (SigLIP, Qwen-VL, a CLIP whose
+        CLS the LLM reads): those methods rank by the attention tokens receive, or refuse."""
+        return False
+
     def deepstack_layers(self) -> int:
         """Decoder layers that receive extra visual features after them (Qwen3-VL)."""
         return 0

@@ -1,5 +1,6 @@
 """LLaVA family adapter: ``LlavaForConditionalGeneration`` (CLIP/SigLIP tower, MLP projector,
-Llama/Mistral/Qwen2-style decoder), transformers v5 layout.
+Llama/Mistral/Qwen2-style decoder), transformers v5 layout. A SigLIP tower has no [CLS]
+(strategy "full"): ``has_cls`` is False and CLS-ranked selections take their CLS-free variant.
 
 Every image gives the same number of visual tokens (``image_seq_length``), one row of position
 ids, and the image's tokens stand in one contiguous run of ``image_token_id`` in ``input_ids``.
@@ -59,6 +60,12 @@ class LlavaAdapter(Adapter):
     @property
     def drops_cls(self) -> bool:
         return self.model.config.vision_feature_select_strategy == "default"
+
+    @property
+    def has_cls(self) -> bool:
+        from vlmopt.ir.select import has_cls
+
+        return self.drops_cls and has_cls(self.vision_tower)
 
     def vision_block(self) -> nn.Module:
         return blocks.Vision(self.vision_tower, self.feature_layer, self.drops_cls)

@@ -1,4 +1,4 @@
-"""VisionZip for CLS-free towers (Qwen-VL): dominant tokens by the attention they receive.
+"""CLS-free towers (Qwen-VL, SigLIP): dominant tokens by the attention they receive.
 
 VisionZip ranks patches by the [CLS] query's attention; a tower without CLS uses the mean
 attention each token *receives* instead (VisionZip paper, appendix A.2). The rule follows the
@@ -8,6 +8,17 @@ query rows of the token's attention chunk, averaged over each 2x2 merge group (o
 window order undone. Only the dominant part: contextual merging needs a fixed grid here.
 
     QwenVisionReceived(tower)(pixel_values, grid_thw) -> (embeddings[, *deepstack], received [M])
+
+Fixed-grid towers without [CLS] (a LLaVA with a SigLIP tower, strategy "full"): the same score,
+averaged over heads and query rows, of one ViT layer, with that layer's head-mean keys, so
+VisionZip's contextual merge runs unchanged (``VisionReceived``). VisionZip reads the layer
+producing the projector's features (its CLS rule's layer; LightCompress's Qwen port reads the
+last block, which feeds the merger); VisPruner reads the LAST layer, as its SigLIP tower does
+(Theia-4869/VisPruner at aefa01a, llava/model/multimodal_encoder/siglip_encoder.py
+``feature_select``: ``attentions[-1].mean(dim=-2)``, then the head mean in llava_arch.py).
+
+    VisionReceived(tower, f, drop_cls, s)(pixel_values)
+        -> (features [B, Nv, Dv], received [B, Nv], key_metric [B, Nv, hd])
 """
 
 from __future__ import annotations
@@ -80,3 +91,42 @@ class QwenVisionReceived(nn.Module):
         feats = (out.pooler_output, *out.deepstack_features) if self.n_deepstack else \
             (out.pooler_output,)
         return (*feats, recv)
+
+
+class VisionReceived(nn.Module):
+    """A CLIP/SigLIP-style tower as ``blocks.Vision`` (features ``hidden_states[f]``), plus the
+    attention each visual token receives in the ViT layer producing ``hidden_states[s]``
+    (layer s - 1), averaged over heads and query rows, recomputed from that layer's input with
+    its own layer_norm1 and q/k projections; and that layer's keys averaged over heads."""
+
+    def __init__(self, tower: nn.Module, feature_layer: int, drop_cls: bool,
+                 score_layer: int | None = None):
+        super().__init__()
+        from vlmopt.ir.select import vision_layers
+
+        layers = vision_layers(tower)
+        n = len(layers) + 1  # hidden_states entries
+        s = (feature_layer if score_layer is None else score_layer) % n
+        if s == 0:
+            raise ValueError("no received attention: the feature layer is the embeddings, "
+                             "which no ViT layer produces")
+        self.tower, self.feature_layer, self.drop_cls, self.s = tower, feature_layer, drop_cls, s
+        self.layer = layers[s - 1]  # shared, read-only
+
+    def forward(self, pixel_values: torch.Tensor):
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.feature_layer]  # [B, N, Dv]
+        x = self.layer.layer_norm1(out.hidden_states[self.s - 1])
+        attn = self.layer.self_attn
+        B, N, _ = x.shape
+        H, hd = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+        k = attn.k_proj(x).view(B, N, H, hd).transpose(1, 2)
+        # NOTE: HF's eager order: (q @ k^T) * scale, softmax in float32
+        p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1,
+                          dtype=torch.float32)  # [B, H, N, N]
+        recv = p.mean(dim=(1, 2))  # [B, N]: column means over heads and query rows
+        keys = k.mean(1)  # [B, N, hd]
+        if self.drop_cls:
+            return feats[:, 1:], recv[:, 1:], keys[:, 1:]
+        return feats, recv, keys

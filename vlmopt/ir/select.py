@@ -52,7 +52,8 @@ class VisionClsAttention(nn.Module):
     only; summed over heads. key_metric: that layer's keys averaged over heads (VisionZip).
     """
 
-    def __init__(self, tower: nn.Module, feature_layer: int, drop_cls: bool):
+    def __init__(self, tower: nn.Module, feature_layer: int, drop_cls: bool,
+                 cls_feature: bool = False):
         super().__init__()
         layers = vision_layers(tower)
         f = feature_layer % (len(layers) + 1)  # index into hidden_states (L + 1 entries)
@@ -60,13 +61,15 @@ class VisionClsAttention(nn.Module):
             raise ValueError("no CLS attention: needs a CLS vision tower whose CLS is dropped "
                              "(strategy 'default') and a feature layer produced by a ViT layer")
         self.tower, self.feature_layer, self.f = tower, feature_layer, f
+        self.cls_feature = cls_feature  # also return CLS's own features [B, Dv] (4th output)
         self.layer = layers[f - 1]  # shared, read-only
 
     def forward(self, pixel_values: torch.Tensor):
         out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
-        feats = out.hidden_states[self.feature_layer][:, 1:]  # [B, Nv, Dv]
+        h = out.hidden_states[self.feature_layer]  # [B, 1 + Nv, Dv]
         p, k = cls_attention_row(self.layer, out.hidden_states[self.f - 1])
-        return feats, p[:, :, 1:].sum(1), k.mean(1)[:, 1:]  # cls [B, Nv], keys [B, Nv, hd]
+        res = (h[:, 1:], p[:, :, 1:].sum(1), k.mean(1)[:, 1:])  # cls [B, Nv], keys [B, Nv, hd]
+        return (*res, h[:, 0]) if self.cls_feature else res
 
 
 def cls_attention_row(layer: nn.Module, h: torch.Tensor):
@@ -93,13 +96,19 @@ class ContextualMerge(nn.Module):
     remaining patch joins the target with the highest cosine of head-mean keys, and the target's
     features become X_t + mean(X_assigned) (VisionZip's code; a target with none keeps X_t).
     Merged features are written into the target's own slot. kept [B, Nv]: 1 = kept.
+
+    ``cls_first`` (VisionZip's official layout, dvlab-research/VisionZip at 3151f6d,
+    visionzip/clip_encoder.py): a fourth input, CLS's features [B, Dv], and the kept tokens are
+    laid out in rows 0..keep-1 in the official order - CLS, the dominant patches by index, the
+    contextual tokens by target - with kept = those rows; the other rows are filler.
     """
 
     recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
-    def __init__(self, n_visual: int, dominant: int, contextual: int):
+    def __init__(self, n_visual: int, dominant: int, contextual: int, cls_first: bool = False):
         super().__init__()
         self.n_visual, self.dominant, self.contextual = n_visual, dominant, contextual
+        self.cls_first = cls_first
         n_rem = n_visual - dominant
         step = max(1, n_rem // contextual) if contextual else 1
         self.targets = list(range(0, n_rem, step))[:contextual]  # static, in remaining order
@@ -109,13 +118,34 @@ class ContextualMerge(nn.Module):
     def n_merge(self) -> int:
         return len(self.others) if self.contextual else 0
 
-    def forward(self, feats, cls_attention, key_metric):
+    def forward(self, feats, cls_attention, key_metric, cls_feats=None):
         B, Nv, Dv = feats.shape
         kept = torch.zeros(B, Nv, dtype=torch.bool, device=feats.device)
         kept = kept.scatter(1, cls_attention.topk(self.dominant, dim=-1).indices, True)
+        ar = torch.arange(Nv, device=feats.device).expand(B, Nv)
+        if self.cls_first:
+            return self._official(feats, kept, ar, cls_feats, key_metric)
         if not self.contextual:
             return feats, kept.to(feats.dtype)
-        ar = torch.arange(Nv, device=feats.device).expand(B, Nv)
+        feats, tgt = self._merge(feats, kept, ar, key_metric)
+        return feats, kept.scatter(1, tgt, True).to(feats.dtype)
+
+    def _official(self, feats, kept, ar, cls_feats, key_metric):
+        """Rows [CLS, dominant patches in index order, contextual tokens], then filler."""
+        B, Nv, Dv = feats.shape
+        dom = torch.where(kept, ar, ar + Nv).sort(dim=-1).values[:, :self.dominant]  # [B, D]
+        order = dom
+        if self.contextual:
+            feats, tgt = self._merge(feats, kept, ar, key_metric)
+            order = torch.cat([dom, tgt], dim=1)  # [B, D + C]
+        rows = feats.gather(1, order[..., None].expand(-1, -1, Dv))  # [B, D + C, Dv]
+        keep = 1 + order.shape[1]
+        out = torch.cat([cls_feats[:, None].to(feats.dtype), rows, feats[:, :Nv - keep]], 1)
+        return out, (ar < keep).to(feats.dtype)  # out [B, Nv, Dv]; rows 0..keep-1 kept
+
+    def _merge(self, feats, kept, ar, key_metric):
+        """Features with each target's merged token in its slot, and the targets [B, C]."""
+        B, Nv, Dv = feats.shape
         rem = torch.where(kept, ar + Nv, ar).sort(dim=-1).values[:, :Nv - self.dominant]
         tgt = rem[:, self.targets]  # [B, C] patch indices
         oth = rem[:, self.others]  # [B, M]
@@ -130,8 +160,7 @@ class ContextualMerge(nn.Module):
         x_o = feats.gather(1, oth[..., None].expand(-1, -1, Dv))  # [B, M, Dv]
         x_t = feats.gather(1, tgt[..., None].expand(-1, -1, Dv))  # [B, C, Dv]
         merged = x_t + torch.bmm(one_hot.transpose(1, 2), x_o) / counts  # [B, C, Dv]
-        feats = feats.scatter(1, tgt[..., None].expand(-1, -1, Dv), merged)
-        return feats, kept.scatter(1, tgt, True).to(feats.dtype)
+        return feats.scatter(1, tgt[..., None].expand(-1, -1, Dv), merged), tgt
 
 
 class SlotScores(nn.Module):

@@ -42,18 +42,79 @@ def _swap_vision(gm: fx.GraphModule, method: str, make, name: str, hint: str = "
     return vis, proj
 
 
-def with_cls_attention(gm: fx.GraphModule, method: str, hint: str = ""):
+def tower_has_cls(gm: fx.GraphModule) -> bool:
+    """Whether the vision node's tower has a [CLS] token that the LLM does not read (its
+    attention can rank the patches): the adapter's ``has_cls``, read from the graph."""
+    old = gm.get_submodule(node_by_block(gm, "vision").target)
+    return (hasattr(old, "feature_layer") and bool(old.drop_cls)
+            and select.has_cls(old.tower))
+
+
+def resolve_score(gm: fx.GraphModule, config) -> str:
+    """The ``score`` a select_visual ``config`` of a CLS-ranked method resolves to on this
+    graph's tower ("auto": "cls" where it has a [CLS] the LLM does not read, else
+    "received"); one ValueError naming the node and the field where it cannot run."""
+    has_cls = tower_has_cls(gm)
+    score = config.score if config.score != "auto" else (
+        "cls" if has_cls or config.method == "vtc_cls" else "received")
+    if (score == "cls" or config.cls == "official") and not has_cls:
+        field = "score" if config.cls == "patches" else "cls"
+        name = {"visionzip": "VisionZip", "vispruner": "VisPruner"}.get(config.method, "VTC-CLS")
+        alt = ("VTC-CLS defines no variant without it" if config.method == "vtc_cls" else
+               "score 'received' with cls 'patches' ranks by the attention tokens receive")
+        raise ValueError(f"select_visual: node {node_by_block(gm, 'vision').name!r}: {name} "
+                         f"needs a CLS token that the LLM does not read (field {field!r} is "
+                         f"{getattr(config, field)!r}); this vision tower has none: {alt}")
+    return score
+
+
+def with_cls_attention(gm: fx.GraphModule, method: str, hint: str = "",
+                       cls_feature: bool = False, layer: int | None = None):
     """The vision node also returns the CLS attention and head-mean keys of the layer feeding
-    the projector (select.VisionClsAttention); returns (vision node, project node)."""
+    the projector (select.VisionClsAttention; with ``cls_feature`` also CLS's features;
+    ``layer``: features and attention of ``hidden_states[layer]`` instead); returns (vision
+    node, project node)."""
     return _swap_vision(gm, method, lambda old: select.VisionClsAttention(
-        old.tower, old.feature_layer, old.drop_cls), "vision_cls", hint)
+        old.tower, _layer(old, layer), old.drop_cls, cls_feature), "vision_cls", hint)
 
 
-def vispruner_scores(gm: fx.GraphModule, nv: int, keep: int, ratio: float) -> fx.Node:
-    """Per-patch kept flags [B, Nv] of VisPruner (vlmopt.ir.vispruner)."""
+def _layer(vision: nn.Module, layer: int | None) -> int:
+    """The hidden_states index a selection reads: ``layer``, or the projector's."""
+    if layer is None:
+        return vision.feature_layer
+    n = len(select.vision_layers(vision.tower)) + 1
+    if not -n <= layer < n:
+        raise ValueError(f"field 'layer' must index the tower's {n} hidden states "
+                         f"({-n}..{n - 1}), got {layer}")
+    return layer
+
+
+def with_received_attention(gm: fx.GraphModule, method: str, last: bool = False,
+                            layer: int | None = None):
+    """CLS-free fixed-grid towers: the vision node also returns the attention each visual
+    token receives and the head-mean keys (vlmopt.ir.received.VisionReceived) of the layer
+    feeding the projector, or (``last``) of the last ViT layer; returns (vision, project)."""
+    from vlmopt.ir.received import VisionReceived
+
+    vis, proj = node_by_block(gm, "vision"), node_by_block(gm, "project")
+    old = gm.get_submodule(vis.target)
+    try:
+        mod = VisionReceived(old.tower, _layer(old, layer), old.drop_cls, -1 if last else None)
+    except ValueError as e:
+        raise ValueError(f"select_visual: node {vis.name!r}: {method}: {e}") from None
+    vis.target = add_module(gm, "vision_received", mod)
+    vis.meta["vlmopt"]["select_op"] = "received_attention"
+    return vis, proj
+
+
+def vispruner_scores(gm: fx.GraphModule, nv: int, keep: int, ratio: float,
+                     score: str = "cls") -> fx.Node:
+    """Per-patch kept flags [B, Nv] of VisPruner (vlmopt.ir.vispruner); ``score``
+    "received": its SigLIP variant (the last ViT layer's received attention)."""
     from vlmopt.ir.vispruner import VisPrunerSelect
 
-    vis, proj = with_cls_attention(gm, "VisPruner")
+    vis, proj = (with_cls_attention(gm, "VisPruner") if score == "cls" else
+                 with_received_attention(gm, "VisPruner", last=True))
     name = add_module(gm, "vispruner", VisPrunerSelect(nv, keep, ratio))
     g = gm.graph
     with g.inserting_before(proj):
@@ -64,17 +125,27 @@ def vispruner_scores(gm: fx.GraphModule, nv: int, keep: int, ratio: float) -> fx
     return kept
 
 
-def visionzip_scores(gm: fx.GraphModule, nv: int, keep: int, contextual: int) -> fx.Node:
-    """vision -> project becomes vision(+CLS attention) -> contextual merge -> project;
-    returns the node of per-patch kept scores [B, Nv]."""
-    vis, proj = with_cls_attention(gm, "VisionZip", "; the mean-received-attention variant "
-                                   "for CLS-free towers is not supported yet")
-    merger = select.ContextualMerge(nv, keep - contextual, contextual)
+def visionzip_scores(gm: fx.GraphModule, nv: int, keep: int, contextual: int,
+                     score: str = "cls", official: bool = False, layer: int | None = None
+                     ) -> fx.Node:
+    """vision -> project becomes vision(+CLS or received attention) -> contextual merge ->
+    project; returns the node of per-patch kept scores [B, Nv]. ``official``: CLS is the first
+    of the ``keep - contextual`` dominant tokens, in the official layout
+    (select.ContextualMerge ``cls_first``); ``layer``: the ViT output read (None: the
+    projector's feature layer)."""
+    if score == "cls":
+        vis, proj = with_cls_attention(gm, "VisionZip", "; score 'received' ranks by the "
+                                       "attention tokens receive", official, layer)
+    else:
+        vis, proj = with_received_attention(gm, "VisionZip", layer=layer)
+    dominant = keep - contextual - int(official)
+    merger = select.ContextualMerge(nv, dominant, contextual, cls_first=official)
     name = add_module(gm, "visionzip", merger)
     g = gm.graph
     with g.inserting_before(proj):
-        z = g.call_module(name, tuple(getitems(g, vis, 3)))
-        tag(z, select_op="contextual_merge", contextual=contextual, n_merge=merger.n_merge)
+        z = g.call_module(name, tuple(getitems(g, vis, 3 + int(official))))
+        tag(z, select_op="contextual_merge", contextual=contextual, n_merge=merger.n_merge,
+            reordered=official)  # official: rows are [CLS, dominant, contextual], not patches
         feats, kept = getitems(g, z, 2)
     proj.args = (feats,)
     return kept
@@ -115,10 +186,14 @@ def _extra_vision_output(gm: fx.GraphModule, make, select_op: str) -> fx.Node:
     return extra
 
 
-def received_scores(gm: fx.GraphModule) -> fx.Node:
+def received_scores(gm: fx.GraphModule, layer: int | None = None) -> fx.Node:
     """CLS-free towers (Qwen-VL): the attention each LLM token receives in the last ViT block
     (vlmopt.ir.received) [Nv_total]."""
     from vlmopt.ir.received import QwenVisionReceived
+
+    if layer is not None:
+        raise ValueError(f"select_visual: node {node_by_block(gm, 'vision').name!r}: field "
+                         "'layer': this tower's received attention is its last block's")
 
     return _extra_vision_output(gm, lambda old: QwenVisionReceived(old.tower, old.n_deepstack),
                                 "received_attention")
