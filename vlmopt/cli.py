@@ -230,7 +230,8 @@ def cmd_compare(args) -> int:
     if calib_records:
         order = rank_layers(layer_contribution(lm, calib_records))
     methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
-                              order, has_cls=lm.adapter.has_cls)
+                              order, has_cls=lm.adapter.has_cls,
+                              vision_signals=lm.adapter.vision_signals)
     advance, close = progress(len(records), "comparing")
     try:
         rows = compare(lm, records, methods, batch_size=args.batch_size, progress=advance)

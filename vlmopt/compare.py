@@ -32,7 +32,7 @@ class Method:
 
 
 def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None,
-                    has_cls: bool = True) -> list[Method]:
+                    has_cls: bool = True, vision_signals: bool = True) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
@@ -54,7 +54,7 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
-        return _dynamic_methods(K, q, n_layers, freeze_order)
+        return _dynamic_methods(K, q, n_layers, freeze_order, vision_signals)
     ms = [Method("original", []),
           Method(f"FastV K={K} R=50%",
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .5)}})]),
@@ -116,7 +116,10 @@ def _both(name: str, pass_name: str, fields: dict) -> list[Method]:
             Method(f"{name}, original positions", [(pass_name, dict(fields))])]
 
 
-def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[Method]:
+def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order,
+                     vision_signals: bool = True) -> list[Method]:
+    """``vision_signals`` False (a tower that gives no received attention or pre-projector
+    features, e.g. Idefics3, InternVL): no VisionZip and no MMTok rows."""
     ms = [Method("original", []),
           Method(f"FastV K={K} R=50%", [("drop_tokens", {"keep": {f"layer_{K}": 0.5}})]),
           Method(f"FastV K={K} R=75%", [("drop_tokens", {"keep": {f"layer_{K}": 0.25}})]),
@@ -125,13 +128,14 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
           *[_dart(K, round(1 - r, 3), r) for r in (.778, .889)]]
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
-        ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
-                      [("select_visual", {"method": "visionzip", "keep": frac,
-                                          "score": "received"})]),
-               Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
+        if vision_signals:
+            ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
+                          [("select_visual", {"method": "visionzip", "keep": frac,
+                                              "score": "received"})]),
+                   Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
+                                                               "tv_temperature": 0.01})])]
+        ms += [Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
                                                               "keep": frac})]),
-               Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
-                                                           "tv_temperature": 0.01})]),
                Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": frac})]),
                Method(f"random {pct}", [("select_visual", {"method": "random", "keep": frac})])]
     if freeze_order:

@@ -75,6 +75,9 @@ class Adapter:
     # graph inputs beyond input_ids, pixel_values, attention_mask, position_ids
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     position_rows: ClassVar[int] = 1  # 1: [B, T] position ids; 3: M-RoPE [3, B, T]
+    # the vision node can also give per-token received attention and pre-projector features
+    # (VisionZip's score on CLS-free towers, MMTok's vision side); False: those are refused
+    vision_signals: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model

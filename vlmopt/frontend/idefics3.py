@@ -31,6 +31,7 @@ from vlmopt.ir import blocks
 class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
+    vision_signals = False  # not yet: VisionZip and MMTok are refused (vlmopt compare skips them)
     architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     extra_inputs = ("pixel_attention_mask",)
 

@@ -35,6 +35,7 @@ def _side(v) -> int:
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_types = ("internvl",)
+    vision_signals = False  # not yet: VisionZip and MMTok are refused (vlmopt compare skips them)
     architectures = ("InternVLForConditionalGeneration",)
 
     @classmethod

@@ -172,8 +172,15 @@ def vtc_cls_scores(gm: fx.GraphModule, start_layer: int) -> fx.Node:
 def _extra_vision_output(gm: fx.GraphModule, make, select_op: str) -> fx.Node:
     """Dynamic-resolution towers: the vision node's module becomes ``make(old)``, which returns
     the old outputs plus one more; returns the node of that extra output."""
+    from vlmopt.ir.blocks import QwenVision
+
     vis = node_by_block(gm, "vision")
     old = gm.get_submodule(vis.target)
+    if not isinstance(old, QwenVision):
+        raise ValueError(f"select_visual: node {vis.name!r}: {select_op.replace('_', ' ')} is "
+                         f"not available on this family's vision tower "
+                         f"({gm.meta['vlmopt'].get('family')}) yet; use divprune, kcenter or "
+                         "random")
     mod: nn.Module = make(old)
     vis.target = add_module(gm, f"vision_{select_op}", mod)
     vis.meta["vlmopt"]["select_op"] = select_op
@@ -204,10 +211,11 @@ def vision_features(gm: fx.GraphModule) -> fx.Node:
     the vision node itself on towers whose projector is separate ([B, Nv, Dv]); on towers with
     the merger inside (Qwen-VL) a new output of merge-group means ([Nv_total, Dv],
     vlmopt.ir.mmtok.QwenVisionPatches)."""
+    from vlmopt.ir.blocks import Vision
     from vlmopt.ir.mmtok import QwenVisionPatches
 
     vis = node_by_block(gm, "vision")
-    if hasattr(gm.get_submodule(vis.target), "feature_layer"):
+    if isinstance(gm.get_submodule(vis.target), Vision):
         return vis
     return _extra_vision_output(gm, lambda old: QwenVisionPatches(old.tower, old.n_deepstack),
                                 "patch_features")
