@@ -95,14 +95,15 @@ class TextRaters(nn.Module):
             ar = torch.arange(T, device=hidden.device).expand(B, T)
             last = torch.where(visual_mask, ar, -1).amax(-1, keepdim=True)  # [B, 1]
             after = text & (ar > last)
-            cand = torch.where(after.any(-1, keepdim=True), after, text)
+            # NOTE: logical ops, not a bool Where (ONNX Runtime's CPU Where has no bool kernel)
+            cand = after | (text & ~after.any(-1, keepdim=True))
         V = _visual(hidden, visual_mask, nv)[0].float()  # [B, Nv, D]
         m = V @ hidden.float().transpose(1, 2)  # [B, Nv, T]
         p = m.masked_fill(~cand[:, None], float("-inf")).softmax(-1).mean(1)  # [B, T]
         p = p.nan_to_num(0.0)
         thr = (p * cand).sum(-1, keepdim=True) / cand.sum(-1, keepdim=True).clamp(min=1)
         raters = cand & (p > thr)
-        raters = torch.where(raters.any(-1, keepdim=True), raters, cand)
+        raters = raters | (cand & ~raters.any(-1, keepdim=True))
         return to_text_order(raters, visual_mask)
 
 
