@@ -272,6 +272,30 @@ def test_sparsevlm_prunes_qwen_by_fractions_and_refuses_recycling_there():
             keep={"layer_1": 8}, scorer="sparsevlm", recycle=0.3))])
 
 
+def test_sparsevlm_kept_set_is_the_official_rule_on_qwen2_5_vl():
+    """Raters on the input embeddings and layer 0's eager attention (HF's own probabilities,
+    M-RoPE), the official top-k: the graph keeps the same tokens (original positions)."""
+    model = build_tiny_qwen("qwen2_5_vl")
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    cfg = dt.Config(keep={"layer_1": 0.3}, scorer="sparsevlm", positions="original")
+    for seed, grid in ((0, (1, 16, 16)), (1, (1, 12, 20))):
+        one = complete_inputs(qwen_batch(model, [grid], n_text=(3, 6), seed=seed))
+        gm, _ = run_passes(capture(model), [("drop_tokens", cfg)], example=one)
+        with torch.no_grad():
+            out = eager(**one, output_hidden_states=True, output_attentions=True)
+        vis = one["input_ids"][0] == 60
+        start, n = int(vis.nonzero()[0]), int(vis.sum())
+        h = out.hidden_states[0][0]
+        m = (h[start:start + n] @ h[start + n:].T).softmax(1).mean(0)
+        raters = torch.where(m > m.mean())[0] + start + n
+        rel = out.attentions[0][0].mean(0)[raters][:, start:start + n].mean(0)
+        want = sorted(rel.topk(round(0.3 * n)).indices.tolist())
+        got = record_modules(gm, one, {"drop_1"})["drop_1"][1][4][0]
+        got = sorted(s - start for s in got.tolist() if vis[s])
+        assert got == want, grid
+
+
 # ------------------------------------------------------------------------------------- export
 
 def test_a_sparsevlm_plan_with_recycling_exports_with_onnx_runtime_parity(loaded_tiny,

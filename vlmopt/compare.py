@@ -41,7 +41,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     VisPruner is PyTorch-only (its duplicate-removal loop is not exportable yet). VTC-CLS sums
     the CLS attention of ViT layers L-8 .. the feature layer (``start_layer`` -8: the official
     ``--layer 16`` on LLaVA-1.5's 24-layer CLIP, and valid on any depth). DART (K=2, reduction
-    77.8% and 88.9%) keeps the original positions, as its official code does.
+    77.8% and 88.9%) keeps the original positions, as its official code does. SparseVLM: its
+    "192" and "64" schedules with recycling, both position conventions.
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
@@ -59,6 +60,7 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
               "keep": {f"layer_{k}": int(n_visual * r) for k, r in zip(q, (.5, .25, .125))},
               "score_at": "next"}),
           *[_dart(K, 4 + 8 * int(n_visual * (1 - r) // 8), r) for r in (.778, .889)]]
+    ms += _sparsevlm(n_visual, n_layers)
     have_select = "select_visual" in registry()
     for frac in (0.11, 0.33):
         k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
@@ -93,6 +95,23 @@ def _dart(K: int, keep: int | float, r: float) -> Method:
         "keep": {f"layer_{K}": keep}, "scorer": "dart"})])
 
 
+def _sparsevlm(n_visual: int | None, n_layers: int) -> list[Method]:
+    """SparseVLM's official "192" and "64" schedules (drop_tokens.sparsevlm), scaled to the
+    model, with 30% recycling; dynamic resolution: the stages' fractions, no recycling
+    (vlmopt.ir.sparsevlm.official_schedule), original M-RoPE positions."""
+    from vlmopt.ir.sparsevlm import official_schedule
+
+    out = []
+    for b in (192, 64):
+        fields = {"keep": official_schedule(b, n_visual, n_layers, 0.3), "scorer": "sparsevlm"}
+        if n_visual is None:
+            out.append(Method(f"SparseVLM {b}/576 schedule", [("drop_tokens", fields)]))
+        else:
+            out += _both(f"SparseVLM {b}/576 schedule", "drop_tokens",
+                         {**fields, "recycle": 0.3})
+    return out
+
+
 def _both(name: str, pass_name: str, fields: dict) -> list[Method]:
     """A method as its official code runs it (positions renumbered 0.. after the cut) and as
     vlmopt's variant that keeps the original position ids."""
@@ -106,7 +125,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
           Method(f"FastV K={K} R=75%", [("drop_tokens", {"keep": {f"layer_{K}": 0.25}})]),
           Method("PyramidDrop", [("drop_tokens", {"keep": {f"layer_{k}": 0.5 for k in q},
                                                    "score_at": "next"})]),
-          *[_dart(K, round(1 - r, 3), r) for r in (.778, .889)]]
+          *[_dart(K, round(1 - r, 3), r) for r in (.778, .889)],
+          *_sparsevlm(None, n_layers)]
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
         ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
