@@ -62,6 +62,7 @@ def window_table(side: int, window: int) -> list[list[int]]:
 
 def kept_count(n_visual: int, keep: int, window: int) -> int:
     """Tokens VScan keeps for a budget ``keep`` (the official ``visual_token_num``)."""
+    check(n_visual, keep, window)
     side = math.isqrt(n_visual)
     n_win = (side // window) ** 2
     local = int(keep * 0.5)
@@ -124,6 +125,17 @@ class VScanSelect(nn.Module):
         self.n_kept = kept_count(n_visual, keep, window)
 
     def forward(self, hidden, visual_mask, rows):
+        return self._select(hidden, visual_mask, rows)[:2]
+
+    @torch.no_grad()
+    def decision_margin(self, hidden, visual_mask, rows) -> torch.Tensor:
+        """Per sample [B]: the smallest gap at any decision (a window's or the global top-k
+        boundary, a joiner's best vs second-best cosine). Flat backgrounds give near-identical
+        patches whose cosines tie within 1e-7, so ONNX Runtime may merge them otherwise; emit
+        screens parity samples by this (emit.decision_margins). PyTorch only."""
+        return self._select(hidden, visual_mask, rows, margins=True)[2]
+
+    def _select(self, hidden, visual_mask, rows, margins: bool = False):
         B = hidden.shape[0]
         Nv = self.n_visual
         shallow, deep = rows[:, 0].float(), rows[:, 1].float()  # [B, Nv]
@@ -132,6 +144,7 @@ class VScanSelect(nn.Module):
         local = table.expand(B, *table.shape).gather(
             2, win.topk(self.n_local, dim=-1).indices).flatten(1)  # [B, W * n_local]
         kept = torch.zeros(B, Nv, dtype=torch.bool, device=hidden.device).scatter(1, local, True)
+        local_mask = kept
         glob = deep.masked_fill(kept, float("-inf")).topk(self.n_global, dim=-1).indices
         kept = kept.scatter(1, glob, True)  # [B, Nv], n_kept per row
 
@@ -149,7 +162,21 @@ class VScanSelect(nn.Module):
             1 + one_hot.sum(1)[..., None])  # [B, K, D]
         E = E.scatter(1, ret[..., None].expand(B, self.n_kept, D), merged.to(E.dtype))
         hidden = hidden.scatter(1, idx, E)  # text rows untouched
-        return to_slots(kept.to(hidden.dtype), visual_mask), hidden
+        gap = None
+        if margins:
+            inf = torch.full((B,), float("inf"), device=hidden.device)
+            gap = inf
+            if self.n_local < win.shape[-1]:
+                v = win.topk(self.n_local + 1, dim=-1).values  # [B, W, n_local + 1]
+                gap = torch.minimum(gap, (v[..., -2] - v[..., -1]).amin(-1))
+            rest = deep.masked_fill(kept, float("-inf"))
+            if self.n_kept < Nv:  # the global boundary: last picked vs best left out
+                last = deep.masked_fill(~kept | local_mask, float("inf")).amin(-1)
+                gap = torch.minimum(gap, last - rest.amax(-1))
+            if self.n_kept > 1 and Nv > self.n_kept:
+                c = cos.topk(2, dim=-1).values
+                gap = torch.minimum(gap, (c[..., 0] - c[..., 1]).amin(-1))
+        return to_slots(kept.to(hidden.dtype), visual_mask), hidden, gap
 
 
 def vscan_rows(gm, shallow_layer: int):
