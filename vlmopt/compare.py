@@ -31,8 +31,8 @@ class Method:
     steps: list  # [(pass name, fields)]
 
 
-def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None
-                    ) -> list[Method]:
+def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None,
+                    vit_layers: int | None = None) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
@@ -62,6 +62,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
           *[_dart(K, 4 + 8 * int(n_visual * (1 - r) // 8), r) for r in (.778, .889)]]
     ms += _sparsevlm(n_visual, n_layers)
     have_select = "select_visual" in registry()
+    if have_select and vit_layers:
+        ms += _vscan(n_visual, n_layers, vit_layers)
     for frac in (0.11, 0.33):
         k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
         pct = f"{k}/{n_visual}"
@@ -109,6 +111,26 @@ def _sparsevlm(n_visual: int | None, n_layers: int) -> list[Method]:
         else:
             out += _both(f"SparseVLM {b}/576 schedule", "drop_tokens",
                          {**fields, "recycle": 0.3})
+    return out
+
+
+def _vscan(n_visual: int, n_layers: int, vit_layers: int) -> list[Method]:
+    """VScan (vlmopt.ir.vscan.preset): the official 96 -> 32 after layer 15 of 32, and 64
+    without stage 2, scaled to the model; both position conventions. CLS towers only: a
+    fixed grid whose side allows the windows (else left out, as the rule refuses it)."""
+    from vlmopt.ir import vscan
+
+    out = []
+    for keep, stage2 in ((96, (16, 32)), (64, None)):
+        steps = vscan.preset(n_visual, n_layers, vit_layers, keep, stage2)
+        try:
+            vscan.check(n_visual, steps[0][1]["keep"], steps[0][1]["window"])
+        except ValueError:
+            continue
+        name = f"VScan {keep}/576" + (" -> 32/576" if stage2 else "")
+        out += [Method(name, steps),
+                Method(f"{name}, original positions",
+                       [(p, {**f, "positions": "original"}) for p, f in steps])]
     return out
 
 
