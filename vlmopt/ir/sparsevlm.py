@@ -38,10 +38,7 @@ So the counts are static: layer l -> l + 1 carries keep + C visual tokens (576 -
   * no tie-breaking noise: ``cluster_and_merge`` adds ``rand * 1e-6`` to the densities; here
     exact ties keep the strict comparison (equal densities are not "denser"), so the result
     is deterministic and exportable.
-  * distances via ``|a|^2 + |b|^2 - 2 a.b`` on mean-centred tokens (one matmul, exportable;
-    centring avoids the cancellation), the diagonal set to 0.
-  * densities are compared and ranked by their exponent (``mean d^2``): exp underflows on
-    trained hidden states, where the official ranking is decided by its 1e-6 noise.
+  * distances via ``|a|^2 + |b|^2 - 2 a.b`` (one matmul, exportable), the diagonal set to 0.
   * ``positions="original"`` (vlmopt's variant): kept tokens keep their ids and the merged
     ones take the id of the image span's last slot (they sit at its end).
   * recycling needs a static visual count (a fixed grid); dynamic-resolution models prune
@@ -168,50 +165,21 @@ def score_flops(s, n_text: int, n_tokens: int) -> int:
                 + s.heads * n_text * n_tokens * s.head_dim)
 
 
-def _boundary(v: torch.Tensor, k: int, largest: bool = True, relative: bool = True
-              ) -> torch.Tensor:
-    """Per row [B]: the gap between the k-th and (k+1)-th of ``v`` [B, n] (inf if none),
-    relative to the row's largest finite magnitude (or absolute)."""
-    n = v.shape[-1]
-    if k <= 0 or k >= n:
-        return torch.full(v.shape[:1], float("inf"), device=v.device)
-    t = v.topk(k + 1, dim=-1, largest=largest).values
-    scale = v.masked_fill(~torch.isfinite(v), 0).abs().amax(-1).clamp(min=1e-12) \
-        if relative else 1.0
-    gap = (t[:, k - 1] - t[:, k]).abs() / scale
-    return torch.where(torch.isfinite(t[:, k]), _exact_ties_clear(gap), float("inf"))
-
-
-def _exact_ties_clear(gap: torch.Tensor) -> torch.Tensor:
-    """A gap of exactly 0 comes from identical tokens (flat backgrounds), whose values are
-    bit-identical on either runtime and break the same way: not a near-tie (inf)."""
-    return gap.masked_fill(gap == 0, float("inf"))
-
-
-def density_peak_merge(x: torch.Tensor, clusters: int, margins: bool = False):
+def density_peak_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
     """x [B, n, D] -> the means of ``clusters`` density-peak kNN clusters [B, C, D], centres in
-    descending score order (``cluster_and_merge`` without its tie-breaking noise); with
-    ``margins`` also the smallest relative gap [B] at any of its decisions (kNN cut-off,
-    density order, centre cut-off, assignment)."""
+    descending score order (``cluster_and_merge`` without its tie-breaking noise)."""
     B, n, D = x.shape
     xf = x.float()
-    # NOTE: centred first: |a|^2 + |b|^2 - 2 a.b cancels catastrophically when the norms
-    # dwarf the distances (trained hidden states), and the runtimes then round the kNN sets
-    # apart; distances do not change under the shift
-    xc = xf - xf.mean(1, keepdim=True)
-    sq = (xc * xc).sum(-1)  # [B, n]
-    d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (xc @ xc.transpose(1, 2))).clamp(min=0)
+    sq = (xf * xf).sum(-1)  # [B, n]
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (xf @ xf.transpose(1, 2))).clamp(min=0)
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     dist = d2.sqrt().masked_fill(eye, 0.0) / math.sqrt(D)  # [B, n, n]
     near = dist.topk(clusters, dim=-1, largest=False).values  # [B, n, C], self included
-    a = (near ** 2).mean(-1)  # [B, n]: density = exp(-a)
-    # NOTE: compared and ranked by the exponent: exp(-a) underflows for a > ~87 (trained
-    # models' hidden states), and ONNX Runtime flushes the denormals PyTorch keeps
-    denser = a[:, None, :] < a[:, :, None]  # [B, i, j]: j denser than i
+    density = (-(near ** 2).mean(-1)).exp()  # [B, n]
+    denser = density[:, None, :] > density[:, :, None]  # [B, i, j]: j denser than i
     dmax = dist.flatten(1).amax(-1)[:, None, None]
     parent = torch.where(denser, dist, dmax).amin(-1)  # [B, n]
-    log_score = parent.log() - a  # log(parent * density)
-    centres = log_score.topk(clusters, dim=-1).indices  # [B, C]
+    centres = (parent * density).topk(clusters, dim=-1).indices  # [B, C]
     to_c = dist.gather(1, centres[..., None].expand(B, clusters, n))  # [B, C, n]
     assign = to_c.argmin(1)  # [B, n]
     ar = torch.arange(clusters, device=x.device).expand(B, clusters)
@@ -219,23 +187,7 @@ def density_peak_merge(x: torch.Tensor, clusters: int, margins: bool = False):
     one_hot = torch.zeros(B, n, clusters, dtype=xf.dtype, device=x.device).scatter(
         2, assign[..., None], 1.0)  # [B, n, C]
     counts = one_hot.sum(1)[..., None]  # [B, C, 1]
-    merged = (one_hot.transpose(1, 2) @ xf) / (counts + 1e-6)
-    if not margins:
-        return merged
-    gap = torch.stack([_boundary(dist[:, i], clusters, largest=False) for i in range(n)],
-                      1).amin(1)  # each token's kNN cut-off
-    da = (a[:, :, None] - a[:, None, :]).abs() / torch.maximum(a[:, :, None], a[:, None, :]
-                                                               ).clamp(min=1e-12)
-    gap = torch.minimum(gap, _exact_ties_clear(da).masked_fill(eye, float("inf"))
-                        .flatten(1).amin(-1))  # the density order
-    fin = log_score.masked_fill(~torch.isfinite(log_score), -1e30)
-    gap = torch.minimum(gap, _boundary(fin, clusters, relative=False))
-    if clusters > 1:
-        t = to_c.topk(2, dim=1, largest=False).values  # [B, 2, n]
-        rel = _exact_ties_clear((t[:, 1] - t[:, 0]) / dmax[:, 0])
-        rel = rel.scatter(1, centres, float("inf"))  # centres are assigned to themselves
-        gap = torch.minimum(gap, rel.amin(-1))
-    return merged, gap
+    return (one_hot.transpose(1, 2) @ xf) / (counts + 1e-6)
 
 
 class RecycleKeep(KeepTopK):
@@ -248,25 +200,6 @@ class RecycleKeep(KeepTopK):
         super().__init__(n_visual, keep)
         self.ratio = ratio
         self.n_recycled, self.n_merged = recycled_counts(n_visual, keep, ratio)
-
-    @torch.no_grad()
-    def decision_margin(self, scores, hidden, position_ids, visual_mask, attention_mask):
-        """Per sample [B]: the smallest relative gap at any decision (the relevance cut-off,
-        the recycled cut-off, the clustering's). SynthVQA's flat backgrounds give
-        near-identical pruned tokens whose densities and distances tie, so ONNX Runtime may
-        cluster them otherwise; emit screens parity samples by this. PyTorch only."""
-        s = scores.float().masked_fill(~visual_mask, float("-inf"))
-        gap = _boundary(s, self.keep)
-        if not self.n_merged:
-            return gap
-        top = s.topk(self.keep, dim=-1).indices
-        pruned = visual_mask & ~(~visual_mask).scatter(1, top, True)
-        r = s.masked_fill(~pruned, float("-inf"))
-        gap = torch.minimum(gap, _boundary(r, self.n_recycled))
-        rec = r.topk(self.n_recycled, dim=-1).indices
-        B, D = hidden.shape[0], hidden.shape[-1]
-        x = hidden.gather(1, rec[..., None].expand(B, self.n_recycled, D))
-        return torch.minimum(gap, density_peak_merge(x, self.n_merged, margins=True)[1])
 
     def forward(self, scores, hidden, position_ids, visual_mask, attention_mask):
         if not self.n_merged:
