@@ -18,6 +18,11 @@ Scorers (shared/methods.md sections 2, 5, 9):
       of layer k-1's post-RoPE keys (``pivot_image`` visual, ``pivot_text`` after the image),
       then per pivot the pool tokens least cosine-similar (final-normed hidden at the cut) to
       it; static counts (picks leave the pool), exportable; preset ``dart()``.
+  sparsevlm: SparseVLM (Gumpest/SparseVLMs at 26a5f48; rule in vlmopt/ir/sparsevlm.py) - text
+      raters chosen once on the LLM input (``raters``), then layer k-1's attention from the
+      raters; ``recycle`` > 0 clusters that share of the pruned tokens (density-peak kNN) and
+      appends the merged ones after the image (static count keep + C; fixed grids only);
+      exportable; preset ``sparsevlm()``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from vlmopt.ir.rewrite import (
 )
 from vlmopt.passreg import PassResult, register_pass
 
-SCORERS = ("last_query", "text_mean", "random", "dart")
+SCORERS = ("last_query", "text_mean", "random", "dart", "sparsevlm")
 SCORE_AT = ("previous", "next")
 _LAYER = re.compile(r"^layer_(\d+)$")
 
@@ -59,6 +64,11 @@ class Config:
     # dart only: pivot tokens, visual ones and text ones after the image (official: 4 and 4)
     pivot_image: int = 4
     pivot_text: int = 4
+    # sparsevlm only: where the raters come from ("after_image": the text after the image, as
+    # the official code; "text": all the prompt's text) and the share of the pruned tokens
+    # recycled into merged tokens (official 0.3; 0 = pruning only)
+    raters: str = "after_image"
+    recycle: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.keep, dict):
@@ -94,6 +104,7 @@ class Config:
                 raise ValueError(f"field '{f}' must be a count >= 0, got {v!r}")
         if self.pivot_image + self.pivot_text == 0:
             raise ValueError("field 'pivot_text': DART needs at least one pivot")
+        _check_sparsevlm(self)
         if self.scorer == "dart":
             if self.score_at != "previous":
                 raise ValueError("field 'score_at': dart ranks with layer k-1's keys and the "
@@ -103,6 +114,24 @@ class Config:
             if small:
                 raise ValueError(f"field 'keep': {small[0]} keeps fewer tokens than "
                                  f"pivot_image={self.pivot_image}")
+
+
+def _check_sparsevlm(c: Config) -> None:
+    from vlmopt.ir.sparsevlm import RATERS
+
+    if c.raters not in RATERS:
+        raise ValueError(f"field 'raters' must be one of {RATERS}, got {c.raters!r}")
+    r = c.recycle
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:
+        raise ValueError(f"field 'recycle' must lie in [0, 1), got {r!r}")
+    if r and c.scorer != "sparsevlm":
+        raise ValueError("field 'recycle' is for scorer 'sparsevlm' only")
+    if c.scorer == "sparsevlm" and c.score_at != "previous":
+        raise ValueError("field 'score_at': sparsevlm ranks with layer k-1's own attention "
+                         "('previous')")
+    if r and any(isinstance(n, float) for n in c.keep.values()):
+        raise ValueError("field 'keep': recycling needs counts (a fixed visual grid), not "
+                         "fractions")
 
 
 def _layer_index(name: str) -> int:
@@ -157,10 +186,29 @@ def dart(k: int = 2, n_visual: int | None = None, budget: int | None = 128,
                   pivot_text=pivot_text, positions=positions)
 
 
+def sparsevlm(budget: int = 192, n_visual: int | None = 576, n_layers: int = 32,
+              recycle: float = 0.3, raters: str = "after_image",
+              positions: str = "contiguous") -> Config:
+    """SparseVLM as its official code runs LLaVA-1.5-7B (Gumpest/SparseVLMs at 26a5f48, v1.0:
+    score.py ``sparse_token_dict``, modelling_sparse_llama.py): prune the output of layers 2,
+    6, 15 to the ``budget`` row's counts (192: 300/200/110 of 576; 128, 96, 64 too), each at
+    most one below what reaches it, recycling 30% of the pruned tokens; positions renumbered
+    (``position_ids[:, :len]``): ``"contiguous"``. Other shapes scale the layers by
+    n_layers / 32 and the counts by n_visual / 576 (vlmopt's). ``n_visual`` None (dynamic
+    resolution): each stage keeps its official fraction of what reaches it, without recycling
+    (which needs a fixed count; M-RoPE models also need ``positions="original"``)."""
+    from vlmopt.ir.sparsevlm import official_schedule
+
+    keep = official_schedule(budget, n_visual, n_layers, recycle)
+    return Config(keep=keep, scorer="sparsevlm", raters=raters,
+                  recycle=recycle if n_visual is not None else 0.0, positions=positions)
+
+
 @register_pass("drop_tokens", Config)
 def run(gm: fx.GraphModule, config: Config) -> PassResult:
     n_layers = gm.meta["vlmopt"]["n_layers"]
     stats: dict = {"keep": {}, "skipped": []}
+    raters = None  # sparsevlm: the raters node, made at the first cut
     for name, keep in sorted(config.keep.items(), key=lambda kv: _layer_index(kv[0])):
         k = _layer_index(name)
         if k >= n_layers:
@@ -181,6 +229,13 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         mode = {"last_query": "last", "text_mean": "text_mean"}.get(config.scorer, "random")
         if config.scorer == "random":
             scorer = add_module(gm, f"score_{k}", tokens.HashScore(config.seed))
+        elif config.scorer == "sparsevlm":
+            from vlmopt.ir import sparsevlm as svlm
+
+            if raters is None:  # once, on the LLM input (decs[0] is untouched by cuts)
+                raters = svlm.insert_raters(gm, config.raters)
+            scorer = add_module(gm, f"score_{k}", svlm.RaterScore(hf_layer, cur))
+            mode = "sparsevlm"
         elif config.scorer == "dart":
             from vlmopt.ir.dart import DartScore
 
@@ -190,13 +245,28 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
             mode = "dart"
         else:
             scorer = add_module(gm, f"score_{k}", tokens.AttnScore(hf_layer, mode))
-        dropper = add_module(gm, f"drop_{k}", tokens.KeepTopK(cur, keep))
+        merged = 0
+        if config.recycle:
+            from vlmopt.ir.sparsevlm import RecycleKeep
+
+            if cur is None:
+                raise ValueError(f"drop_tokens: node {decs[k].name!r}: SparseVLM's recycling "
+                                 "needs a fixed visual-token count; this model's follows the "
+                                 "image size (use recycle=0)")
+            keeper = RecycleKeep(cur, keep, config.recycle)
+            merged = keeper.n_merged
+        else:
+            keeper = tokens.KeepTopK(cur, keep)
+        dropper = add_module(gm, f"drop_{k}", keeper)
         src_state = ChainState.at(src)
 
         def build(g, st, scorer=scorer, dropper=dropper, src_state=src_state, mode=mode,
-                  src=src, keep=keep):
+                  src=src, keep=keep, keeper=keeper, merged=merged, raters=raters):
             if config.scorer == "random":
                 s = g.call_module(scorer, (st.pos,))
+            elif config.scorer == "sparsevlm":  # layer k-1's attention from the raters
+                s = g.call_module(scorer, (src_state.hidden, src_state.rope, st.visual,
+                                           st.amask, raters))
             elif config.scorer == "dart":  # layer k-1's keys, the hidden at the cut
                 s = g.call_module(scorer, (src_state.hidden, src_state.rope, st.hidden,
                                            st.visual, st.amask))
@@ -210,10 +280,14 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
                 s.meta["vlmopt"]["pivots"] = config.pivot_image + config.pivot_text
             d = g.call_module(dropper, (s, st.hidden, st.pos, st.visual, st.amask))
             d.meta["vlmopt"] = {"block": "drop", "keep": keep}
+            if merged:  # the cost model counts the clustering's matmuls
+                d.meta["vlmopt"].update(recycled=keeper.n_recycled, merged=merged)
             return tuple(g.call_function(operator.getitem, (d, i)) for i in range(5))
 
         insert_token_change(gm, k, build, config.positions)
         for d in decoder_nodes(gm)[k:]:
-            set_visual_budget(d, keep)
+            set_visual_budget(d, keep + merged if merged else keep)
         stats["keep"][name] = keep
+        if merged:
+            stats.setdefault("merged", {})[name] = merged
     return PassResult(gm, bool(stats["keep"]), stats)

@@ -34,6 +34,11 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
   vtc_cls: VTC-CLS (THU-MIG/VTC-CLS at e41ac9b; vlmopt/ir/vtc_cls.py): top-``keep`` patches by
       the head-mean CLS attention summed over ViT layers ``start_layer`` .. the feature layer.
       CLS towers only (its code has no CLS-free variant): refused on others.
+  vscan: VScan's first stage (Tencent/SelfEvolvingAgent at a82450e, VScan/; rule in
+      vlmopt/ir/vscan.py): half of ``keep`` by CLS attention of ViT layer ``shallow_layer``
+      inside ``window`` x ``window`` windows, the rest by the feature layer's CLS attention;
+      every other token merged into its most cosine-similar retained one (projected space).
+      CLS towers with a fixed grid only; its stage 2 is drop_tokens (vlmopt.ir.vscan.preset).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, 
 from vlmopt.passreg import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner", "mmtok",
-           "vtc_cls")
+           "vtc_cls", "vscan")
 SCORES = ("auto", "cls", "received")
 CLS = ("patches", "official")
 
@@ -84,6 +89,9 @@ class Config:
     # the first of the keep - contextual dominant tokens, in the official order (``visionzip``)
     cls: str = "patches"
     layer: int | None = None  # visionzip: hidden_states index read; None: the projector's
+    # vscan only: the ViT layer of the local scan and the window side (official 5 and 6)
+    shallow_layer: int = 5
+    window: int = 6
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -99,8 +107,11 @@ class Config:
                 span = f"[{lo}, {hi}]" if hi is not None else (f">= {lo}" if low_ok
                                                                else f"> {lo}")
                 raise ValueError(f"field {name!r} must be {span}, got {r!r}")
-        if not isinstance(self.start_layer, int) or isinstance(self.start_layer, bool):
-            raise ValueError(f"field 'start_layer' must be an integer, got {self.start_layer!r}")
+        for name in ("start_layer", "shallow_layer", "window"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or (name == "window" and v < 1):
+                raise ValueError(f"field {name!r} must be an integer"
+                                 + (" >= 1" if name == "window" else "") + f", got {v!r}")
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
@@ -255,6 +266,13 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         patch_scores = wire.vispruner_scores(gm, nv, keep, config.important_ratio, score)
     elif m == "vtc_cls":
         patch_scores = wire.vtc_cls_scores(gm, config.start_layer)
+    elif m == "vscan":
+        from vlmopt.ir import vscan
+
+        rows = vscan.vscan_rows(gm, config.shallow_layer)
+        stats["keep_requested"] = keep
+        keep = vscan.kept_count(nv, keep, config.window)  # the count the rule keeps
+        stats["keep"] = keep
     elif m == "mmtok":
         vfeats = wire.vision_features(gm)
     if patch_scores is not None:
@@ -263,6 +281,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         scorer = add_module(gm, "select_random", tokens.HashScore(config.seed))
     elif m == "pool":
         scorer = add_module(gm, "select_pool", select.GridPool(nv, config.keep))
+    elif m == "vscan":
+        scorer = add_module(gm, "select_vscan", vscan.VScanSelect(nv, stats["keep_requested"],
+                                                                  config.window))
     elif m == "mmtok":
         from vlmopt.ir.mmtok import CoverageScore
 
@@ -281,6 +302,10 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
             s = wire.tag(g.call_module(scorer, (st.pos,)), select_op="random")
         elif m == "pool":
             p = wire.tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="pool")
+            s, hidden = wire.getitems(g, p, 2)
+        elif m == "vscan":
+            p = wire.tag(g.call_module(scorer, (st.hidden, st.visual, rows)),
+                         select_op="vscan_merge", n_visual=nv, n_kept=keep)
             s, hidden = wire.getitems(g, p, 2)
         elif m == "mmtok":
             s = wire.tag(g.call_module(scorer, (st.hidden, st.visual, st.amask, vfeats)),

@@ -15,8 +15,8 @@ def test_compare_reports_every_method_with_flops_below_original(tiny_llava, synt
     assert rows["original"]["ratio_total"] == 1.0
     assert rows["original"]["agreement"] == 1.0 and rows["original"]["kl"] == 0.0
     names = " ".join(rows)
-    for m in ("FastV", "PyramidDrop", "DART", "VisionZip", "DivPrune", "k-center", "pooling",
-              "random", "ShortV"):
+    for m in ("FastV", "PyramidDrop", "DART", "SparseVLM", "VScan", "VisionZip", "DivPrune",
+              "k-center", "pooling", "random", "ShortV"):
         assert m in names, m
     for name, r in rows.items():
         if name != "original":

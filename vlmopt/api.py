@@ -112,9 +112,24 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
         info = n.meta.get("vlmopt", {})
         if info.get("block") == "score":
             nv = info["n_visual"] if n0 is None else visual_tokens(info, n0)
-            opt[n.name] = cost.score_flops(shapes, n_text + nv, info["mode"],
-                                           info.get("pivots", 0))
+            if info["mode"] == "sparsevlm":  # text query rows only (vlmopt.ir.sparsevlm)
+                from vlmopt.ir import sparsevlm
+
+                opt[n.name] = sparsevlm.score_flops(shapes, n_text, n_text + nv)
+            else:
+                opt[n.name] = cost.score_flops(shapes, n_text + nv, info["mode"],
+                                               info.get("pivots", 0))
             opt["total"] += opt[n.name]
+        if info.get("block") == "raters" or info.get("merged"):  # SparseVLM's extra matmuls
+            from vlmopt.ir import sparsevlm
+
+            if info.get("merged"):
+                extra = sparsevlm.recycle_flops(info["recycled"], info["merged"], shapes.d)
+            else:
+                nv = info["n_visual"] if n0 is None else visual_tokens(info, n0)
+                extra = sparsevlm.rater_flops(nv, n_text + nv, shapes.d)
+            opt[n.name] = extra
+            opt["total"] += extra
         if info.get("select_op") in ("diversity", "coverage") and info.get("n_visual") is None:
             info = {**info, "n_visual": n0}  # dynamic resolution: the image's count
         extra = cost.select_flops(shapes, info, n_text) if "select_op" in info else 0

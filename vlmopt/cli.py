@@ -231,7 +231,9 @@ def cmd_compare(args) -> int:
         order = rank_layers(layer_contribution(lm, calib_records))
     methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
                               order, has_cls=lm.adapter.has_cls,
-                              vision_signals=lm.adapter.vision_signals)
+                              vision_signals=lm.adapter.vision_signals,
+                              vit_layers=getattr(getattr(info, "vision_config", None),
+                                                 "num_hidden_layers", None))
     advance, close = progress(len(records), "comparing")
     try:
         rows = compare(lm, records, methods, batch_size=args.batch_size, progress=advance)

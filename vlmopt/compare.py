@@ -32,7 +32,8 @@ class Method:
 
 
 def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None,
-                    has_cls: bool = True, vision_signals: bool = True) -> list[Method]:
+                    has_cls: bool = True, vision_signals: bool = True,
+                    vit_layers: int | None = None) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
@@ -41,7 +42,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     VisPruner is PyTorch-only (its duplicate-removal loop is not exportable yet). VTC-CLS sums
     the CLS attention of ViT layers L-8 .. the feature layer (``start_layer`` -8: the official
     ``--layer 16`` on LLaVA-1.5's 24-layer CLIP, and valid on any depth). DART (K=2, reduction
-    77.8% and 88.9%) keeps the original positions, as its official code does.
+    77.8% and 88.9%) keeps the original positions, as its official code does. SparseVLM: its
+    "192" and "64" schedules with recycling, both position conventions.
     VisionZip comes three times: the official code's counting (CLS is the first of the
     dominant tokens, dvlab-research/VisionZip at 3151f6d; the plain name), LightCompress's
     (", patches only") and vlmopt's original positions. ``has_cls`` False (the adapter's: a
@@ -64,7 +66,10 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
               "keep": {f"layer_{k}": int(n_visual * r) for k, r in zip(q, (.5, .25, .125))},
               "score_at": "next"}),
           *[_dart(K, 4 + 8 * int(n_visual * (1 - r) // 8), r) for r in (.778, .889)]]
+    ms += _sparsevlm(n_visual, n_layers)
     have_select = "select_visual" in registry()
+    if have_select and vit_layers:
+        ms += _vscan(n_visual, n_layers, vit_layers)
     for frac in (0.11, 0.33):
         k = max(1, round((n_visual * frac) ** 0.5)) ** 2  # nearest perfect square
         pct = f"{k}/{n_visual}"
@@ -109,6 +114,43 @@ def _dart(K: int, keep: int | float, r: float) -> Method:
         "keep": {f"layer_{K}": keep}, "scorer": "dart"})])
 
 
+def _sparsevlm(n_visual: int | None, n_layers: int) -> list[Method]:
+    """SparseVLM's official "192" and "64" schedules (drop_tokens.sparsevlm), scaled to the
+    model, with 30% recycling; dynamic resolution: the stages' fractions, no recycling
+    (vlmopt.ir.sparsevlm.official_schedule), original M-RoPE positions."""
+    from vlmopt.ir.sparsevlm import official_schedule
+
+    out = []
+    for b in (192, 64):
+        fields = {"keep": official_schedule(b, n_visual, n_layers, 0.3), "scorer": "sparsevlm"}
+        if n_visual is None:
+            out.append(Method(f"SparseVLM {b}/576 schedule", [("drop_tokens", fields)]))
+        else:
+            out += _both(f"SparseVLM {b}/576 schedule", "drop_tokens",
+                         {**fields, "recycle": 0.3})
+    return out
+
+
+def _vscan(n_visual: int, n_layers: int, vit_layers: int) -> list[Method]:
+    """VScan (vlmopt.ir.vscan.preset): the official 96 -> 32 after layer 15 of 32, and 64
+    without stage 2, scaled to the model; both position conventions. CLS towers only: a
+    fixed grid whose side allows the windows (else left out, as the rule refuses it)."""
+    from vlmopt.ir import vscan
+
+    out = []
+    for keep, stage2 in ((96, (16, 32)), (64, None)):
+        steps = vscan.preset(n_visual, n_layers, vit_layers, keep, stage2)
+        try:
+            vscan.check(n_visual, steps[0][1]["keep"], steps[0][1]["window"])
+        except ValueError:
+            continue
+        name = f"VScan {keep}/576" + (" -> 32/576" if stage2 else "")
+        out += [Method(name, steps),
+                Method(f"{name}, original positions",
+                       [(p, {**f, "positions": "original"}) for p, f in steps])]
+    return out
+
+
 def _both(name: str, pass_name: str, fields: dict) -> list[Method]:
     """A method as its official code runs it (positions renumbered 0.. after the cut) and as
     vlmopt's variant that keeps the original position ids."""
@@ -125,7 +167,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order,
           Method(f"FastV K={K} R=75%", [("drop_tokens", {"keep": {f"layer_{K}": 0.25}})]),
           Method("PyramidDrop", [("drop_tokens", {"keep": {f"layer_{k}": 0.5 for k in q},
                                                    "score_at": "next"})]),
-          *[_dart(K, round(1 - r, 3), r) for r in (.778, .889)]]
+          *[_dart(K, round(1 - r, 3), r) for r in (.778, .889)],
+          *_sparsevlm(None, n_layers)]
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
         if vision_signals:

@@ -505,6 +505,8 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
         return 2 * info["n_merge"] * info["contextual"] * (hd + h)
     if op == "diversity":
         return 2 * info["n_visual"] ** 2 * s.d
+    if op == "vscan_merge":  # VScan: cosine [M, K] and group sums [K, D] (vlmopt.ir.vscan)
+        return 4 * (info["n_visual"] - info["n_kept"]) * info["n_kept"] * s.d
     if s.tower is not None:  # e.g. received_attention on a CLS-free tower
         return s.tower.select_flops(op, list(s.grids)) or 0
     return 0
