@@ -41,6 +41,10 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
   vtc_cls: VTC-CLS (THU-MIG/VTC-CLS at e41ac9b; vlmopt/ir/vtc_cls.py): top-``keep`` patches by
       the head-mean CLS attention summed over ViT layers ``start_layer`` .. the feature layer.
       CLS towers only (no received-attention variant: that is VisionZip's rule).
+  cdpruner: CDPruner (Theia-4869/CDPruner at 9541616; rule and deviations in
+      vlmopt/ir/cdpruner.py): greedy MAP of a conditional DPP whose kernel is the visual
+      embeddings' cosine scaled by their (min-max normalised) relevance to the prompt's text;
+      ``keep`` steps, exported as one ONNX Loop; CLS-free towers too (LLM-space only).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, 
 from vlmopt.passreg import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner", "mmtok",
-           "vtc_cls")
+           "vtc_cls", "cdpruner")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class Config:
     # vtc_cls only: first ViT layer of the CLS-attention ensemble (official default 16 of 24;
     # negative counts from the end, as a Python slice)
     start_layer: int = 16
+    # cdpruner only: negate the text relevance before normalising (the official formula)
+    negate_relevance: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -97,6 +103,9 @@ class Config:
                 raise ValueError(f"field {name!r} must be {span}, got {r!r}")
         if not isinstance(self.start_layer, int) or isinstance(self.start_layer, bool):
             raise ValueError(f"field 'start_layer' must be an integer, got {self.start_layer!r}")
+        if not isinstance(self.negate_relevance, bool):
+            raise ValueError(f"field 'negate_relevance' must be true or false, "
+                             f"got {self.negate_relevance!r}")
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
@@ -170,6 +179,17 @@ def vtc_cls(keep: int, start_layer: int = 16, positions: str = "contiguous") -> 
     return Config(method="vtc_cls", keep=keep, start_layer=start_layer, positions=positions)
 
 
+def cdpruner(keep: int | float, negate_relevance: bool = True, positions: str = "contiguous"
+             ) -> Config:
+    """CDPruner keeping ``keep`` tokens (a fraction on dynamic-resolution models). Follows
+    Theia-4869/CDPruner at 9541616 (llava/model/llava_arch.py ``encode_images``): the pruned
+    sequence is rebuilt with ``position_ids=None``, so positions are contiguous: the default
+    here (M-RoPE models need ``"original"``). Relevance is computed in the LLM's input space,
+    not CLIP's (vlmopt.ir.cdpruner)."""
+    return Config(method="cdpruner", keep=keep, negate_relevance=negate_relevance,
+                  positions=positions)
+
+
 def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contiguous"
               ) -> Config:
     """VisPruner keeping ``keep`` tokens, ``int(keep * important_ratio)`` of them by CLS
@@ -227,6 +247,10 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         scorer = add_module(gm, "select_random", tokens.HashScore(config.seed))
     elif m == "pool":
         scorer = add_module(gm, "select_pool", select.GridPool(nv, config.keep))
+    elif m == "cdpruner":
+        from vlmopt.ir.cdpruner import DppScore
+
+        scorer = add_module(gm, "select_cdpruner", DppScore(nv, keep, config.negate_relevance))
     elif m == "mmtok":
         from vlmopt.ir.mmtok import CoverageScore
 
@@ -249,6 +273,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         elif m == "mmtok":
             s = wire.tag(g.call_module(scorer, (st.hidden, st.visual, st.amask, vfeats)),
                          select_op="coverage", n_visual=nv)
+        elif m == "cdpruner":
+            s = wire.tag(g.call_module(scorer, (st.hidden, st.visual, st.amask)),
+                         select_op="dpp", n_visual=nv)
         else:
             s = wire.tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="diversity",
                          n_visual=nv)

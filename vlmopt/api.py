@@ -115,7 +115,8 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
             opt[n.name] = cost.score_flops(shapes, n_text + nv, info["mode"],
                                            info.get("pivots", 0))
             opt["total"] += opt[n.name]
-        if info.get("select_op") in ("diversity", "coverage") and info.get("n_visual") is None:
+        if (info.get("select_op") in ("diversity", "coverage", "dpp")
+                and info.get("n_visual") is None):
             info = {**info, "n_visual": n0}  # dynamic resolution: the image's count
         extra = cost.select_flops(shapes, info, n_text) if "select_op" in info else 0
         if extra:  # select_visual's explicit matmuls (the vision node's CLS attention included)

@@ -36,8 +36,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
-    PyramidDrop, VisionZip, DivPrune, VisPruner, MMTok and VTC-CLS come as their official code
-    runs them (positions renumbered) and as vlmopt's original-positions variant (``_both``);
+    PyramidDrop, VisionZip, DivPrune, VisPruner, MMTok, CDPruner and VTC-CLS come as their
+    official code runs them (positions renumbered) and as vlmopt's original-positions variant
+    (``_both``);
     VisPruner is PyTorch-only (its duplicate-removal loop is not exportable yet). VTC-CLS sums
     the CLS attention of ViT layers L-8 .. the feature layer (``start_layer`` -8: the official
     ``--layer 16`` on LLaVA-1.5's 24-layer CLIP, and valid on any depth). DART (K=2, reduction
@@ -71,6 +72,8 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
                    *_both(f"VisPruner {pct}", "select_visual", {"method": "vispruner",
                                                                  "keep": k}),
                    *_both(f"MMTok {pct}", "select_visual", {"method": "mmtok", "keep": k}),
+                   *_both(f"CDPruner {pct}", "select_visual", {"method": "cdpruner",
+                                                                "keep": k}),
                    *_both(f"VTC-CLS {pct}", "select_visual", {"method": "vtc_cls", "keep": k,
                                                                "start_layer": -8}),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
@@ -115,6 +118,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[
                                                               "keep": frac})]),
                Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
                                                            "tv_temperature": 0.01})]),
+               Method(f"CDPruner {pct}", [("select_visual", {"method": "cdpruner",
+                                                              "keep": frac})]),
                Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": frac})]),
                Method(f"random {pct}", [("select_visual", {"method": "random", "keep": frac})])]
     if freeze_order:

@@ -475,7 +475,9 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     ``n_cls_layers``, VTC-CLS), and q.k^T; contextual_merge: key cosine [M, C] and the group
     sums [C, Dv]; diversity: the Nv x Nv cosine matrix; coverage (MMTok): the cosine of every
     one of the ``n_text`` + Nv rows with the Nv visual embeddings, and the Nv x Nv cosine of
-    the vision features. Pooling, hashing and scattering count nothing."""
+    the vision features; dpp (CDPruner): the same text/visual cosine rows and the Nv x Nv
+    cosine of the visual embeddings (its greedy steps are products and sums, no matmul).
+    Pooling, hashing and scattering count nothing."""
     op = info.get("select_op")
     h = s.vision_hidden
     hd = h // s.vision_heads
@@ -485,6 +487,9 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     if op == "coverage":
         nv = info["n_visual"]
         return 2 * ((n_text + nv) * nv * s.d + nv * nv * h)
+    if op == "dpp":
+        nv = info["n_visual"]
+        return 2 * ((n_text + nv) * nv * s.d + nv * nv * s.d)
     if op == "contextual_merge":
         return 2 * info["n_merge"] * info["contextual"] * (hd + h)
     if op == "diversity":

@@ -186,8 +186,9 @@ class PrefillForm(nn.Module):
                     env[n] = None
                 elif blk == "vision" and self.vision is not None:
                     env[n] = self.vision(pixel_values, **layout)
-                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore, DartScore,
-                                                       CoverageScore)):
+                elif self.dynamic and (isinstance(mod, (KeepTopK, DiversityScore, DartScore,
+                                                        CoverageScore))
+                                       or getattr(mod, "symbolic_n_visual", False)):
                     mod.n_visual = n_cur  # the symbolic count, for this call only
                     try:
                         env[n] = mod(*val(n.args))
