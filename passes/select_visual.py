@@ -211,6 +211,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         stats["keep"] = nv
         return PassResult(gm, False, stats)
     keep = config.keep
+    if gm.meta["vlmopt"].get("tome"):
+        raise ValueError(f"select_visual: node {decs[0].name!r}: the vision tower already "
+                         "merges tokens (merge_vision); a selection after it is not supported")
     if nv is None and (config.method == "pool" or config.contextual):
         raise ValueError(f"select_visual: node {decs[0].name!r}: "
                          + ("method 'pool'" if config.method == "pool" else

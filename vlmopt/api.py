@@ -108,6 +108,13 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     specs = layer_specs(gm, n_text, n0)
     n_in = gm.meta["vlmopt"].get("n_visual_project")
     opt = cost.prefill_flops(shapes, specs, n_visual_in=n_in)
+    tome = next((n.meta["vlmopt"]["tome"] for n in gm.graph.nodes
+                 if "tome" in n.meta.get("vlmopt", {})), None)
+    if tome:  # merge_vision: the tower at its merged counts, the projector on what remains
+        n_in = tome["n_out"]
+        opt["vision"] = cost.tome_vision_flops(shapes, tome["r"])
+        opt["project"] = cost.projector_flops(shapes, n_in)
+        opt["total"] = sum(v for k, v in opt.items() if k != "total")
     for n in gm.graph.nodes:  # explicit scorers are part of the optimized model's cost
         info = n.meta.get("vlmopt", {})
         if info.get("block") == "score":
@@ -128,7 +135,8 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     # LLM FLOPs: all but the original tower and the projector (at the count it projects), so a
     # scorer a method adds (VisionZip's CLS attention, DivPrune's distances) counts against it
     fixed = cost.vision_flops(shapes)
-    llm = opt["total"] - fixed - cost.projector_flops(shapes, n_in or shapes.n_visual)
+    llm = (opt["total"] - (opt["vision"] if tome else fixed)
+           - cost.projector_flops(shapes, n_in or shapes.n_visual))
     base_llm = base["total"] - fixed - cost.projector_flops(shapes, shapes.n_visual)
     return {
         "n_text": n_text,

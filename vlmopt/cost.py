@@ -218,6 +218,22 @@ def vision_flops(s: ModelShapes) -> int:
     return 2 * (conv + s.vision_layers * per_layer)  # post_layernorm on CLS: no matmul
 
 
+def tome_vision_flops(s: ModelShapes, rs: list[int]) -> int:
+    """A CLIP tower run by ToMe (vlmopt.ir.tome): only the ``len(rs)`` layers up to the feature
+    layer, layer i's attention at its n_i tokens, its matching (the [ceil(n/2), hd] x
+    [hd, floor(n/2)] cosine of head-mean keys) and its MLP after the ``rs[i]`` merges."""
+    h, n = s.vision_hidden, s.n_vision_tokens
+    hd = h // s.vision_heads
+    macs = s.n_patches * h * s.num_channels * s.patch_size ** 2  # patch_embedding conv
+    for r in rs:
+        macs += 4 * n * h * h + 2 * n * n * h  # q, k, v, o; QK^T and A.V
+        if r:
+            macs += ((n + 1) // 2) * (n // 2) * hd
+        n -= r
+        macs += 2 * n * h * s.vision_intermediate  # fc1, fc2 on the merged tokens
+    return 2 * macs
+
+
 def projector_flops(s: ModelShapes, n_tokens: int) -> int:
     if s.tower is not None:  # the tower's own merger (Qwen-VL: patch + deepstack mergers)
         return s.tower.breakdown(list(s.grids))["merger"]
