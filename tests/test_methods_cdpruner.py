@@ -171,6 +171,17 @@ def test_preset_defaults_to_the_official_convention():
     assert (c.method, c.positions, c.negate_relevance) == ("cdpruner", "contiguous", True)
 
 
+def test_compare_lists_cdpruner_on_both_kinds_of_model():
+    from vlmopt.compare import default_methods
+
+    rows = {m.name: m.steps for m in default_methods(196, 8, None)}
+    assert rows["CDPruner 64/196"] == [("select_visual", {"method": "cdpruner", "keep": 64,
+                                                           "positions": "contiguous"})]
+    assert "CDPruner 64/196, original positions" in rows
+    dyn = {m.name: m.steps for m in default_methods(None, 8, None)}
+    assert dyn["CDPruner 33%"] == [("select_visual", {"method": "cdpruner", "keep": 0.33})]
+
+
 # ------------------------------------------------------------------ Qwen2.5-VL (tiny, random)
 
 

@@ -46,7 +46,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
-    there is no pooling (no fixed grid) and no VTC-CLS (no CLS)."""
+    there is no pooling (no fixed grid), no VTC-CLS (no CLS) and no ToMe (the patch merger
+    needs every patch). ToMe (merge_vision) merges inside the tower down to half the patches,
+    as many merges per layer as its 50% cap allows on any depth."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
@@ -82,6 +84,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         else:
             ms += [Method(f"random@layer1 {pct}", [("drop_tokens", {"keep": {"layer_1": k},
                                                                       "scorer": "random"})])]
+    if "merge_vision" in registry():  # ToMe at half the patches: reachable on any depth
+        k = n_visual - n_visual // 2
+        ms += _both(f"ToMe {k}/{n_visual} (vision tower)", "merge_vision", {"keep": k})
     if freeze_order:
         r = max(1, round(n_layers * 0.6))
         ms.append(Method(f"ShortV {r}/{n_layers} layers",

@@ -24,7 +24,8 @@ Deviations (vlmopt's, stated):
       (``positions="contiguous"``, the preset's default, as LLaVA rebuilds the sequence from the
       tower's output) or keep their anchor's position (``"original"``).
   argsort: the official ``argsort(descending=True)`` is not stable (tied scores, e.g. duplicate
-      flat patches, may go either way); here the sort is stable, so ties keep token order.
+      flat patches, may go either way); here ties keep token order (the rank of a stable sort,
+      computed from pairwise comparisons, so that it exports).
   schedule: besides the official constant ``r`` (``parse_r`` with an int) or per-layer list,
       a ``keep`` target spreads R = Nv - keep merges over the merging layers as evenly as the
       50% cap allows, earlier layers taking the remainder (vlmopt's convenience).
@@ -83,9 +84,15 @@ def bipartite_merge(metric: torch.Tensor, r: int, cls: bool):
         first = torch.arange(scores.shape[1], device=scores.device)[None, :, None] == 0
         scores = scores.masked_fill(first, float("-inf"))
     best, match = scores.max(dim=-1)  # [B, Na]
-    order = best.argsort(dim=-1, descending=True, stable=True)  # [B, Na]
-    unm = order[:, r:].sort(dim=-1).values  # [B, Na - r], CLS (row 0) first
-    src = order[:, :r]  # [B, r]
+    # rank in a stable descending sort, from comparisons (a stable sort does not export):
+    # the tokens scoring higher, and those scoring the same at a lower index
+    Na = best.shape[1]
+    ar = torch.arange(Na, device=best.device)
+    ahead = (best[:, None, :] > best[:, :, None]) | (
+        (best[:, None, :] == best[:, :, None]) & (ar[None, :] < ar[:, None]))  # [B, i, j]
+    is_src = ahead.sum(-1) < r  # [B, Na]: the r best matches merge
+    src = torch.where(is_src, ar, ar + Na).sort(dim=-1).values[:, :r]  # [B, r]
+    unm = torch.where(is_src, ar + Na, ar).sort(dim=-1).values[:, :Na - r]  # CLS (0) first
     dst = match.gather(1, src)  # [B, r]
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
