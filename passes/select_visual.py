@@ -39,6 +39,10 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
       inside ``window`` x ``window`` windows, the rest by the feature layer's CLS attention;
       every other token merged into its most cosine-similar retained one (projected space).
       CLS towers with a fixed grid only; its stage 2 is drop_tokens (vlmopt.ir.vscan.preset).
+  cdpruner: CDPruner (Theia-4869/CDPruner at 9541616; rule and deviations in
+      vlmopt/ir/cdpruner.py): greedy MAP of a conditional DPP whose kernel is the visual
+      embeddings' cosine scaled by their (min-max normalised) relevance to the prompt's text;
+      ``keep`` steps, exported as one ONNX Loop; CLS-free towers too (LLM-space only).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from vlmopt.ir.rewrite import add_module, check_positions, insert_token_change, 
 from vlmopt.passreg import PassResult, register_pass
 
 METHODS = ("none", "visionzip", "divprune", "kcenter", "pool", "random", "vispruner", "mmtok",
-           "vtc_cls", "vscan")
+           "vtc_cls", "vscan", "cdpruner")
 SCORES = ("auto", "cls", "received")
 CLS = ("patches", "official")
 
@@ -92,6 +96,8 @@ class Config:
     # vscan only: the ViT layer of the local scan and the window side (official 5 and 6)
     shallow_layer: int = 5
     window: int = 6
+    # cdpruner only: negate the text relevance before normalising (the official formula)
+    negate_relevance: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,6 +118,9 @@ class Config:
             if not isinstance(v, int) or isinstance(v, bool) or (name == "window" and v < 1):
                 raise ValueError(f"field {name!r} must be an integer"
                                  + (" >= 1" if name == "window" else "") + f", got {v!r}")
+        if not isinstance(self.negate_relevance, bool):
+            raise ValueError(f"field 'negate_relevance' must be true or false, "
+                             f"got {self.negate_relevance!r}")
         if isinstance(self.keep, float):
             if not 0 < self.keep <= 1:
                 raise ValueError(f"field 'keep' fraction must lie in (0, 1], got {self.keep}")
@@ -214,6 +223,17 @@ def vtc_cls(keep: int, start_layer: int = 16, positions: str = "contiguous") -> 
     return Config(method="vtc_cls", keep=keep, start_layer=start_layer, positions=positions)
 
 
+def cdpruner(keep: int | float, negate_relevance: bool = True, positions: str = "contiguous"
+             ) -> Config:
+    """CDPruner keeping ``keep`` tokens (a fraction on dynamic-resolution models). Follows
+    Theia-4869/CDPruner at 9541616 (llava/model/llava_arch.py ``encode_images``): the pruned
+    sequence is rebuilt with ``position_ids=None``, so positions are contiguous: the default
+    here (M-RoPE models need ``"original"``). Relevance is computed in the LLM's input space,
+    not CLIP's (vlmopt.ir.cdpruner)."""
+    return Config(method="cdpruner", keep=keep, negate_relevance=negate_relevance,
+                  positions=positions)
+
+
 def vispruner(keep: int, important_ratio: float = 0.5, positions: str = "contiguous"
               ) -> Config:
     """VisPruner keeping ``keep`` tokens, ``int(keep * important_ratio)`` of them by CLS
@@ -235,6 +255,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         stats["keep"] = nv
         return PassResult(gm, False, stats)
     keep = config.keep
+    if gm.meta["vlmopt"].get("tome"):
+        raise ValueError(f"select_visual: node {decs[0].name!r}: the vision tower already "
+                         "merges tokens (merge_vision); a selection after it is not supported")
     if nv is None and (config.method == "pool" or config.contextual):
         raise ValueError(f"select_visual: node {decs[0].name!r}: "
                          + ("method 'pool'" if config.method == "pool" else
@@ -284,6 +307,10 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     elif m == "vscan":
         scorer = add_module(gm, "select_vscan", vscan.VScanSelect(nv, stats["keep_requested"],
                                                                   config.window))
+    elif m == "cdpruner":
+        from vlmopt.ir.cdpruner import DppScore
+
+        scorer = add_module(gm, "select_cdpruner", DppScore(nv, keep, config.negate_relevance))
     elif m == "mmtok":
         from vlmopt.ir.mmtok import CoverageScore
 
@@ -310,6 +337,9 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
         elif m == "mmtok":
             s = wire.tag(g.call_module(scorer, (st.hidden, st.visual, st.amask, vfeats)),
                          select_op="coverage", n_visual=nv)
+        elif m == "cdpruner":
+            s = wire.tag(g.call_module(scorer, (st.hidden, st.visual, st.amask)),
+                         select_op="dpp", n_visual=nv)
         else:
             s = wire.tag(g.call_module(scorer, (st.hidden, st.visual)), select_op="diversity",
                          n_visual=nv)

@@ -108,6 +108,13 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     specs = layer_specs(gm, n_text, n0)
     n_in = gm.meta["vlmopt"].get("n_visual_project")
     opt = cost.prefill_flops(shapes, specs, n_visual_in=n_in)
+    tome = next((n.meta["vlmopt"]["tome"] for n in gm.graph.nodes
+                 if "tome" in n.meta.get("vlmopt", {})), None)
+    if tome:  # merge_vision: the tower at its merged counts, the projector on what remains
+        n_in = tome["n_out"]
+        opt["vision"] = cost.tome_vision_flops(shapes, tome["r"])
+        opt["project"] = cost.projector_flops(shapes, n_in)
+        opt["total"] = sum(v for k, v in opt.items() if k != "total")
     for n in gm.graph.nodes:  # explicit scorers are part of the optimized model's cost
         info = n.meta.get("vlmopt", {})
         if info.get("block") == "score":
@@ -130,7 +137,8 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
                 extra = sparsevlm.rater_flops(nv, n_text + nv, shapes.d)
             opt[n.name] = extra
             opt["total"] += extra
-        if info.get("select_op") in ("diversity", "coverage") and info.get("n_visual") is None:
+        if (info.get("select_op") in ("diversity", "coverage", "dpp")
+                and info.get("n_visual") is None):
             info = {**info, "n_visual": n0}  # dynamic resolution: the image's count
         extra = cost.select_flops(shapes, info, n_text) if "select_op" in info else 0
         if extra:  # select_visual's explicit matmuls (the vision node's CLS attention included)
@@ -142,7 +150,8 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     # LLM FLOPs: all but the original tower and the projector (at the count it projects), so a
     # scorer a method adds (VisionZip's CLS attention, DivPrune's distances) counts against it
     fixed = cost.vision_flops(shapes)
-    llm = opt["total"] - fixed - cost.projector_flops(shapes, n_in or shapes.n_visual)
+    llm = (opt["total"] - (opt["vision"] if tome else fixed)
+           - cost.projector_flops(shapes, n_in or shapes.n_visual))
     base_llm = base["total"] - fixed - cost.projector_flops(shapes, shapes.n_visual)
     return {
         "n_text": n_text,

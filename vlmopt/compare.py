@@ -37,8 +37,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
-    PyramidDrop, VisionZip, DivPrune, VisPruner, MMTok and VTC-CLS come as their official code
-    runs them (positions renumbered) and as vlmopt's original-positions variant (``_both``);
+    PyramidDrop, VisionZip, DivPrune, VisPruner, MMTok, CDPruner and VTC-CLS come as their
+    official code runs them (positions renumbered) and as vlmopt's original-positions variant
+    (``_both``);
     VisPruner is PyTorch-only (its duplicate-removal loop is not exportable yet). VTC-CLS sums
     the CLS attention of ViT layers L-8 .. the feature layer (``start_layer`` -8: the official
     ``--layer 16`` on LLaVA-1.5's 24-layer CLIP, and valid on any depth). DART (K=2, reduction
@@ -52,7 +53,9 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
-    there is no pooling (no fixed grid) and no VTC-CLS (no CLS)."""
+    there is no pooling (no fixed grid), no VTC-CLS (no CLS) and no ToMe (the patch merger
+    needs every patch). ToMe (merge_vision) merges inside the tower down to half the patches,
+    as many merges per layer as its 50% cap allows on any depth."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
@@ -77,12 +80,17 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
             ms += [*_cls_ranked(k, pct, has_cls),
                    *_both(f"DivPrune {pct}", "select_visual", {"method": "divprune", "keep": k}),
                    *_both(f"MMTok {pct}", "select_visual", {"method": "mmtok", "keep": k}),
+                   *_both(f"CDPruner {pct}", "select_visual", {"method": "cdpruner",
+                                                                "keep": k}),
                    Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": k})]),
                    Method(f"pooling {pct}", [("select_visual", {"method": "pool", "keep": k})]),
                    Method(f"random {pct}", [("select_visual", {"method": "random", "keep": k})])]
         else:
             ms += [Method(f"random@layer1 {pct}", [("drop_tokens", {"keep": {"layer_1": k},
                                                                       "scorer": "random"})])]
+    if "merge_vision" in registry():  # ToMe at half the patches: reachable on any depth
+        k = n_visual - n_visual // 2
+        ms += _both(f"ToMe {k}/{n_visual} (vision tower)", "merge_vision", {"keep": k})
     if freeze_order:
         r = max(1, round(n_layers * 0.6))
         ms.append(Method(f"ShortV {r}/{n_layers} layers",
@@ -178,6 +186,8 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order,
                    Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
                                                                "tv_temperature": 0.01})])]
         ms += [Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
+                                                              "keep": frac})]),
+               Method(f"CDPruner {pct}", [("select_visual", {"method": "cdpruner",
                                                               "keep": frac})]),
                Method(f"k-center {pct}", [("select_visual", {"method": "kcenter", "keep": frac})]),
                Method(f"random {pct}", [("select_visual", {"method": "random", "keep": frac})])]

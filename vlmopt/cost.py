@@ -228,6 +228,22 @@ def vision_flops(s: ModelShapes) -> int:
     return 2 * (conv + s.vision_layers * per_layer + head)  # post_layernorm: no matmul
 
 
+def tome_vision_flops(s: ModelShapes, rs: list[int]) -> int:
+    """A CLIP tower run by ToMe (vlmopt.ir.tome): only the ``len(rs)`` layers up to the feature
+    layer, layer i's attention at its n_i tokens, its matching (the [ceil(n/2), hd] x
+    [hd, floor(n/2)] cosine of head-mean keys) and its MLP after the ``rs[i]`` merges."""
+    h, n = s.vision_hidden, s.n_vision_tokens
+    hd = h // s.vision_heads
+    macs = s.n_patches * h * s.num_channels * s.patch_size ** 2  # patch_embedding conv
+    for r in rs:
+        macs += 4 * n * h * h + 2 * n * n * h  # q, k, v, o; QK^T and A.V
+        if r:
+            macs += ((n + 1) // 2) * (n // 2) * hd
+        n -= r
+        macs += 2 * n * h * s.vision_intermediate  # fc1, fc2 on the merged tokens
+    return 2 * macs
+
+
 def projector_flops(s: ModelShapes, n_tokens: int) -> int:
     if s.tower is not None:  # the tower's own merger (Qwen-VL: patch + deepstack mergers)
         return s.tower.breakdown(list(s.grids))["merger"]
@@ -488,7 +504,9 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     every query row of one ViT layer; contextual_merge: key cosine [M, C] and the group
     sums [C, Dv]; diversity: the Nv x Nv cosine matrix; coverage (MMTok): the cosine of every
     one of the ``n_text`` + Nv rows with the Nv visual embeddings, and the Nv x Nv cosine of
-    the vision features. Pooling, hashing and scattering count nothing."""
+    the vision features; dpp (CDPruner): the same text/visual cosine rows and the Nv x Nv
+    cosine of the visual embeddings (its greedy steps are products and sums, no matmul).
+    Pooling, hashing and scattering count nothing."""
     op = info.get("select_op")
     h = s.vision_hidden
     hd = h // s.vision_heads
@@ -501,6 +519,9 @@ def select_flops(s: ModelShapes, info: dict, n_text: int = 0) -> int:
     if op == "coverage":
         nv = info["n_visual"]
         return 2 * ((n_text + nv) * nv * s.d + nv * nv * h)
+    if op == "dpp":
+        nv = info["n_visual"]
+        return 2 * ((n_text + nv) * nv * s.d + nv * nv * s.d)
     if op == "contextual_merge":
         return 2 * info["n_merge"] * info["contextual"] * (hd + h)
     if op == "diversity":

@@ -191,8 +191,9 @@ class PrefillForm(nn.Module):
                     env[n] = mod(*val(n.args), **val(n.kwargs))
                     out = env[n][0] if isinstance(env[n], tuple) else env[n]
                     n_cur = out.shape[0]  # [Nv_total, D] at batch 1
-                elif self.dynamic and isinstance(mod, (KeepTopK, DiversityScore, DartScore,
-                                                       CoverageScore)):
+                elif self.dynamic and (isinstance(mod, (KeepTopK, DiversityScore, DartScore,
+                                                        CoverageScore))
+                                       or getattr(mod, "symbolic_n_visual", False)):
                     mod.n_visual = n_cur  # the symbolic count, for this call only
                     try:
                         env[n] = mod(*val(n.args))

@@ -20,6 +20,7 @@ from torch import fx
 
 # The canonical order, read top to bottom. A plan lists a subset of these, in this order.
 ORDER = [
+    "merge_vision",  # inside the vision tower (ToMe): first, on the tower as captured
     "select_visual",  # after the projector: the LLM sees fewer visual tokens from layer 0
     "drop_tokens",  # between decoder layers: counts are of the tokens select_visual left
     "freeze_visual",  # ShortV: a frozen layer's cost depends on the counts the drops leave it
