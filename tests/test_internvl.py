@@ -56,3 +56,38 @@ def test_plan_exports_with_parity_and_runs_without_torch(tiny, tmp_path):
 
 def test_short_optimize_runs(tiny, tmp_path):
     fc.short_optimize_runs(tiny, tmp_path)
+
+
+def test_tile_preprocessing_imports_and_runs_with_torch_unimportable(tmp_path):
+    """The runtime's tile preprocessing (InternVL and Idefics3) needs neither torch nor
+    transformers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    # NOTE: sys.modules[name] = None makes every `import torch` raise ImportError
+    (shim / "sitecustomize.py").write_text(
+        "import sys\nfor m in ('torch', 'torchvision', 'transformers'):\n"
+        "    sys.modules[m] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(repo)]))
+    code = ("from PIL import Image\nimport vlmopt.preprocess_internvl as v\n"
+            "import vlmopt.preprocess_idefics3 as i\nimport vlmopt.runtime_tiles\n"
+            "im = Image.new('RGB', (37, 91))\n"
+            "print(len(v.pixels(im, v.TilingConfig(tile=32))), "
+            "len(i.pixels(im, i.TileImageConfig(longest_edge=128, tile=32))[0]))\n")
+    assert subprocess.run([sys.executable, "-c", "import torch"], env=env,
+                          capture_output=True).returncode != 0  # the shim works
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    from vlmopt import preprocess_idefics3 as pi
+    from vlmopt import preprocess_internvl as pv
+
+    im = fc.images([(91, 37)])[0]
+    assert run.stdout.split() == [
+        str(len(pv.pixels(im, pv.TilingConfig(tile=32)))),
+        str(len(pi.pixels(im, pi.TileImageConfig(longest_edge=128, tile=32))[0]))]

@@ -184,6 +184,17 @@ class QwenTower(Tower):
         return received_attention_flops(self.vc, grids) if op == "received_attention" else None
 
 
+def _count_tiles(grids, side: int) -> int:
+    """Tiles over one sample's images, each grid (n_tiles, side, side)."""
+    n = 0
+    for g in grids:
+        t, h, w = (int(x) for x in g)
+        if t < 1 or (h, w) != (side, side):
+            raise ValueError(f"grid {tuple(g)}: expected (n_tiles >= 1, {side}, {side})")
+        n += t
+    return n
+
+
 class TileTower(Tower):
     """``vlmopt.cost.Tower`` of Idefics3 / SmolVLM: a SigLIP-like ViT run once per S x S tile,
     then the connector (pixel shuffle by ``scale`` and one linear without bias) into the LLM.
@@ -208,14 +219,7 @@ class TileTower(Tower):
                    vc.num_channels, side, scale, config.text_config.hidden_size, side * side)
 
     def _tiles(self, grids) -> int:
-        n = 0
-        for g in grids:
-            t, h, w = (int(x) for x in g)
-            if t < 1 or (h, w) != (self.side, self.side):
-                raise ValueError(f"grid {tuple(g)}: expected (n_tiles >= 1, {self.side}, "
-                                 f"{self.side})")
-            n += t
-        return n
+        return _count_tiles(grids, self.side)
 
     def n_llm_tokens(self, grids) -> int:
         return self._tiles(grids) * (self.side // self.scale) ** 2
@@ -265,14 +269,7 @@ class InternTower(Tower):
                    config.vision_feature_select_strategy == "default")
 
     def _tiles(self, grids) -> int:
-        n = 0
-        for g in grids:
-            t, h, w = (int(x) for x in g)
-            if t < 1 or (h, w) != (self.side, self.side):
-                raise ValueError(f"grid {tuple(g)}: expected (n_tiles >= 1, {self.side}, "
-                                 f"{self.side})")
-            n += t
-        return n
+        return _count_tiles(grids, self.side)
 
     def n_llm_tokens(self, grids) -> int:
         return self._tiles(grids) * self.per_tile

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vlmopt.errors import VlmoptError
+from vlmopt.preprocess_qwen import to_rgb
 
 MAX_IMAGE_SIZE = 4096  # transformers' absolute bound on a resized side
 
@@ -85,20 +86,27 @@ def image_config_of(d: dict) -> TileImageConfig:
         resample=int(get("resample", 1)))
 
 
-def image_config(path, config=None) -> TileImageConfig:
-    """The image config of a checkpoint directory (transformers' defaults without one, with the
-    tile side from the vision config when given)."""
+def read_config_file(path, parse, default):
+    """``parse`` of a checkpoint directory's preprocessor (or processor) config JSON; ``default``
+    when it has neither file."""
     for name in ("preprocessor_config.json", "processor_config.json"):
         f = Path(path) / name
         if f.is_file():
             try:
-                return image_config_of(json.loads(f.read_text(encoding="utf-8")))
+                return parse(json.loads(f.read_text(encoding="utf-8")))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise VlmoptError(f"{f}: not valid JSON ({e})") from None
+    return default
+
+
+def image_config(path, config=None) -> TileImageConfig:
+    """The image config of a checkpoint directory (transformers' defaults without one, with the
+    tile side from the vision config when given)."""
+    default = TileImageConfig()
     if config is not None:
         side = int(config.vision_config.image_size)
-        return TileImageConfig(longest_edge=4 * side, tile=side)
-    return TileImageConfig()
+        default = TileImageConfig(longest_edge=4 * side, tile=side)
+    return read_config_file(path, image_config_of, default)
 
 
 def _rescale_to_max_len(height: int, width: int, max_len: int) -> tuple[int, int]:
@@ -171,20 +179,12 @@ def _resize(arr: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
     return np.array(Image.fromarray(arr).resize((w, h), resample=resample))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def pixels(image: Image.Image, cfg: TileImageConfig):
     """One image -> (tiles [n, C, S, S] float32, pixel mask [n, S, S] int64, rows, cols)."""
     if not isinstance(image, Image.Image):
         raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
     if cfg.do_convert_rgb:
-        image = _to_rgb(image)
+        image = to_rgb(image)
     arr = np.array(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -18,15 +18,14 @@ than one tile. Without ``crop_to_patches`` the image is resized to S x S. Resize
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vlmopt.errors import VlmoptError
-from vlmopt.preprocess_idefics3 import _resize, _to_rgb
+from vlmopt.preprocess_idefics3 import _resize, read_config_file
+from vlmopt.preprocess_qwen import to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -88,17 +87,11 @@ def image_config_of(d: dict) -> TilingConfig:
 def image_config(path, config=None) -> TilingConfig:
     """The image config of a checkpoint directory (defaults with the vision config's tile
     without one)."""
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        f = Path(path) / name
-        if f.is_file():
-            try:
-                return image_config_of(json.loads(f.read_text(encoding="utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise VlmoptError(f"{f}: not valid JSON ({e})") from None
+    default = TilingConfig()
     if config is not None:
         s = config.vision_config.image_size
-        return TilingConfig(tile=int(s if isinstance(s, int) else s[0]))
-    return TilingConfig()
+        default = TilingConfig(tile=int(s if isinstance(s, int) else s[0]))
+    return read_config_file(path, image_config_of, default)
 
 
 def best_grid(height: int, width: int, cfg: TilingConfig) -> tuple[int, int]:
@@ -132,7 +125,7 @@ def pixels(image: Image.Image, cfg: TilingConfig) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
     if cfg.do_convert_rgb:
-        image = _to_rgb(image)
+        image = to_rgb(image)
     arr = np.array(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
