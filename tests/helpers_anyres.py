@@ -57,7 +57,8 @@ def make_config(model_type: str = "llava_onevision", n_layers: int = 2):
                   tie_word_embeddings=False)
     if model_type == "llava_onevision":
         cfg = tf.LlavaOnevisionConfig(
-            vision_config=tf.SiglipVisionConfig(**vis), text_config=tf.Qwen2Config(**text),
+            vision_config=tf.SiglipVisionConfig(**vis, vision_use_head=False),
+            text_config=tf.Qwen2Config(**text),
             video_token_index=vocab.index("<video>"), vision_feature_select_strategy="full",
             vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9", **common)
     else:

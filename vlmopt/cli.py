@@ -230,7 +230,7 @@ def cmd_compare(args) -> int:
     if calib_records:
         order = rank_layers(layer_contribution(lm, calib_records))
     methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
-                              order)
+                              order, refused=lm.adapter.refused_select)
     advance, close = progress(len(records), "comparing")
     try:
         rows = compare(lm, records, methods, batch_size=args.batch_size, progress=advance)

@@ -31,8 +31,8 @@ class Method:
     steps: list  # [(pass name, fields)]
 
 
-def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None
-                    ) -> list[Method]:
+def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None,
+                    refused=()) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
     tokens (perfect squares, so pooling is exact), ShortV on ~60% of the layers (by LC).
@@ -45,11 +45,13 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     ``n_visual`` None (dynamic resolution): the same rules as fractions of what reaches each
     cut, so they follow every image's count; VisionZip ranks by received attention (no CLS) and
     keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
-    there is no pooling (no fixed grid) and no VTC-CLS (no CLS)."""
+    there is no pooling (no fixed grid) and no VTC-CLS (no CLS). ``refused``: select_visual
+    methods the family's tower cannot serve (its adapter's ``refused_select``, e.g. the
+    CLS-attention ones on AnyRes towers): left out."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
-        return _dynamic_methods(K, q, n_layers, freeze_order)
+        return _without(_dynamic_methods(K, q, n_layers, freeze_order), refused)
     ms = [Method("original", []),
           Method(f"FastV K={K} R=50%",
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .5)}})]),
@@ -83,7 +85,13 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         r = max(1, round(n_layers * 0.6))
         ms.append(Method(f"ShortV {r}/{n_layers} layers",
                          [("freeze_visual", {"layers": sorted(freeze_order[:r])})]))
-    return ms
+    return _without(ms, refused)
+
+
+def _without(ms: list[Method], refused) -> list[Method]:
+    """The methods none of whose select_visual steps uses a refused method."""
+    return [m for m in ms if not any(n == "select_visual" and f.get("method") in refused
+                                     for n, f in m.steps)]
 
 
 def _dart(K: int, keep: int | float, r: float) -> Method:
