@@ -112,6 +112,31 @@ def test_cost_model_matches_flop_counter(tiny, size):
         assert measured[k] == analytic[k], (k, measured, analytic)
 
 
+@pytest.mark.parametrize("model,size", [("llava-onevision-7b", (1344, 1344)),
+                                        ("llava-next-7b", (512, 768))])
+def test_cost_model_matches_flop_counter_at_7b_shapes(model, size):
+    """The shipped config-only 7B shapes (OneVision at 4 x 4 tiles, downsampled to 81 x 81;
+    NeXT's 2 x 2 grid unpadded to 32 x 48), measured on fake weights."""
+    from helpers import REPO
+
+    from vlmopt import cost
+
+    lm = load(REPO / "examples" / "configs" / model, device="meta")
+    A = type(lm.adapter)
+    lay = A.layout_of(lm.config, *size)
+    s = lm.shapes(A.image_grids(None, lm.config, *size))
+    ids = torch.cat([torch.full((16,), 5), torch.full((lay.n_slots,), lm.adapter.image_token_id),
+                     torch.full((16,), 6)])[None]
+    S = lm.config.vision_config.image_size
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "pixel_values": torch.zeros(1, lay.n_tiles, 3, S, S),
+         "image_sizes": torch.tensor([list(size)])}
+    analytic = cost.prefill_flops(s, cost.baseline_layers(s, 32))
+    measured = cost.measure_prefill_breakdown(lm.model, b)
+    for k in ("vision", "project", "layer_0", "head", "total"):
+        assert measured[k] == analytic[k], (k, measured[k], analytic[k])
+
+
 def test_cost_model_counts_every_parameter(tiny):
     from vlmopt import cost
 

@@ -145,7 +145,9 @@ def cmd_flops(args) -> int:
     from rich.table import Table
 
     t = Table(title=f"prefill FLOPs: {args.model}" + (f" + {args.plan}" if args.plan else "")
-              + f" ({res['n_visual']} visual + {res['n_text']} text tokens"
+              + f" ({res['n_visual']} visual + "
+              + (f"{res['n_image_text']} newline + " if res.get("n_image_text") else "")
+              + f"{res['n_text']} text tokens"
               + (f", image grid {res['image_grids'][0]}" if res["image_grids"] else "") + ")")
     t.add_column("node")
     t.add_column("visual tokens", justify="right")
