@@ -254,6 +254,12 @@ def run(gm: fx.GraphModule, config: Config) -> PassResult:
     if config.method == "none":
         stats["keep"] = nv
         return PassResult(gm, False, stats)
+    from vlmopt.frontend.family import adapter_of_graph
+
+    why = adapter_of_graph(gm.meta["vlmopt"]).refused_select.get(config.method)
+    if why:  # the family's tower cannot serve the method's scores
+        raise ValueError(f"select_visual: node {decs[0].name!r}: method {config.method!r} on "
+                         f"{gm.meta['vlmopt']['model_type']}: {why}")
     keep = config.keep
     if gm.meta["vlmopt"].get("tome"):
         raise ValueError(f"select_visual: node {decs[0].name!r}: the vision tower already "

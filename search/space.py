@@ -164,7 +164,9 @@ class Space:
         # pooling needs a fixed grid; DivPrune's greedy loop, whose length follows the image,
         # exports as one ONNX Loop with its count computed in the graph (ir.select.greedy_loop)
         self.default_select = "divprune" if self.dynamic else "visionzip"
-        self.select_methods = ("none", "divprune") if self.dynamic else SEARCH_SELECT
+        refused = lm.adapter.refused_select  # e.g. CLS-attention methods on AnyRes towers
+        self.select_methods = tuple(m for m in (("none", "divprune") if self.dynamic
+                                                else SEARCH_SELECT) if m not in refused)
         # CLS-ranked selections on this tower: by CLS attention (the pass's default), or
         # (SigLIP, Qwen-VL: no CLS the LLM does not read) by received attention, which the
         # plans then say (select_visual's ``score``)

@@ -146,10 +146,11 @@ def test_unknown_family_is_refused_with_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     msg = _load_error(tmp_path)
     assert "unsupported model family" in msg and "'bert'" in msg
-    assert "supported: llava, qwen2_5_vl, qwen2_vl, qwen3_vl" in msg
+    assert ("supported: idefics3, internvl, llava, llava_next, llava_onevision, qwen2_5_vl, "
+            "qwen2_vl, qwen3_vl, smolvlm") in msg
 
 
-@pytest.mark.parametrize("mtype", ["llava_next", "llava_onevision", "gemma3", "idefics3"])
+@pytest.mark.parametrize("mtype", ["llava_next_video", "gemma3", "paligemma"])
 def test_llava_variants_not_yet_supported_are_refused_not_misloaded(tmp_path, mtype):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": mtype}))
     msg = _load_error(tmp_path)

@@ -102,6 +102,7 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
     grids = image_grids(lm, image_size)
     shapes = lm.shapes(grids)
     n0 = shapes.n_visual if shapes.dynamic else None
+    n_prompt, n_text = n_text, n_text + shapes.n_image_text  # + AnyRes newlines: text too
     base_gm = _capture(lm)
     gm = graph if graph is not None else base_gm
     base = cost.prefill_flops(shapes, layer_specs(base_gm, n_text, n0))
@@ -154,8 +155,9 @@ def flops(lm: LoadedModel, graph: fx.GraphModule | None = None, *,
            - cost.projector_flops(shapes, n_in or shapes.n_visual))
     base_llm = base["total"] - fixed - cost.projector_flops(shapes, shapes.n_visual)
     return {
-        "n_text": n_text,
+        "n_text": n_prompt,
         "n_visual": shapes.n_visual,
+        "n_image_text": shapes.n_image_text,
         "image_grids": [list(g) for g in shapes.grids],
         "vision_share": vision / opt["total"],
         "llm": llm,

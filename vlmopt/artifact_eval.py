@@ -28,6 +28,10 @@ def artifact_eval(root, data: str | None, plan: str | None = None):
     proc_dir = Path(root) / m["processor"]
     data = default_data(m["model"]["name"], data)
     layout = (m["image"].get("layout") or {}) if art.dynamic else {}
+    if art.dynamic and layout.get("kind") == "anyres":
+        from vlmopt.frontend.llava_next import load_anyres_processor
+
+        return _anyres(art, layout), load_anyres_processor(proc_dir, layout["model_type"]), data
     if art.dynamic and layout.get("kind") == "tiles":
         from vlmopt.frontend.idefics3 import load_tile_processor
 
@@ -110,6 +114,25 @@ def _flat_tiles(art, image_token_id: int, tokens_per_tile: int):
             feeds = {**_one(batch, b),
                      "pixel_values": batch["pixel_values"][start:start + n].numpy()}
             start += n
+            rows.append(art.logits(feeds)[0])
+        return torch.from_numpy(np.stack(rows)).float()
+
+    return run
+
+
+def _anyres(art, layout: dict):
+    from vlmopt.preprocess_anyres import layout_feeds
+
+    side2 = int(layout["side"]) ** 2
+
+    def run(batch: dict) -> torch.Tensor:
+        rows = []
+        for b in range(batch["input_ids"].shape[0]):
+            h, w = (int(x) for x in batch["image_sizes"][b].tolist())
+            lay = layout_feeds(layout, h, w)
+            n = int(lay["anyres_index"].max()) // side2  # the image's tiles (the rest: padding)
+            feeds = {**_one(batch, b), "pixel_values": batch["pixel_values"][b:b + 1, :n].numpy(),
+                     **lay}
             rows.append(art.logits(feeds)[0])
         return torch.from_numpy(np.stack(rows)).float()
 

@@ -145,7 +145,9 @@ def cmd_flops(args) -> int:
     from rich.table import Table
 
     t = Table(title=f"prefill FLOPs: {args.model}" + (f" + {args.plan}" if args.plan else "")
-              + f" ({res['n_visual']} visual + {res['n_text']} text tokens"
+              + f" ({res['n_visual']} visual + "
+              + (f"{res['n_image_text']} newline + " if res.get("n_image_text") else "")
+              + f"{res['n_text']} text tokens"
               + (f", image grid {res['image_grids'][0]}" if res["image_grids"] else "") + ")")
     t.add_column("node")
     t.add_column("visual tokens", justify="right")
@@ -231,7 +233,7 @@ def cmd_compare(args) -> int:
         order = rank_layers(layer_contribution(lm, calib_records))
     methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
                               order, has_cls=lm.adapter.has_cls,
-                              vision_signals=lm.adapter.vision_signals,
+                              refused=lm.adapter.refused_select,
                               vit_layers=getattr(getattr(info, "vision_config", None),
                                                  "num_hidden_layers", None))
     advance, close = progress(len(records), "comparing")

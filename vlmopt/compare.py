@@ -32,7 +32,7 @@ class Method:
 
 
 def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str] | None,
-                    has_cls: bool = True, vision_signals: bool = True,
+                    has_cls: bool = True, refused=(),
                     vit_layers: int | None = None) -> list[Method]:
     """The methods of the issue's table, scaled to the model: FastV K=2 R=50/75%, PyramidDrop
     at 1/4, 1/2, 3/4 depth (lambda 0.5), input-level selection at ~11% and ~33% of the visual
@@ -55,11 +55,13 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
     keeps no contextual tokens, MMTok takes its Qwen2.5-VL port's tv_temperature 0.01, and
     there is no pooling (no fixed grid), no VTC-CLS (no CLS) and no ToMe (the patch merger
     needs every patch). ToMe (merge_vision) merges inside the tower down to half the patches,
-    as many merges per layer as its 50% cap allows on any depth."""
+    as many merges per layer as its 50% cap allows on any depth. ``refused``: select_visual
+    methods the family's tower cannot serve (its adapter's ``refused_select``, e.g. the
+    CLS-attention ones on AnyRes towers): left out."""
     K = min(2, n_layers - 1)  # FastV's default K=2, if the model is that deep
     q = sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
     if n_visual is None:
-        return _dynamic_methods(K, q, n_layers, freeze_order, vision_signals)
+        return _without(_dynamic_methods(K, q, n_layers, freeze_order), refused)
     ms = [Method("original", []),
           Method(f"FastV K={K} R=50%",
                  [("drop_tokens", {"keep": {f"layer_{K}": round(n_visual * .5)}})]),
@@ -95,7 +97,13 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         r = max(1, round(n_layers * 0.6))
         ms.append(Method(f"ShortV {r}/{n_layers} layers",
                          [("freeze_visual", {"layers": sorted(freeze_order[:r])})]))
-    return ms
+    return _without(ms, refused)
+
+
+def _without(ms: list[Method], refused) -> list[Method]:
+    """The methods none of whose select_visual steps uses a refused method."""
+    return [m for m in ms if not any(n == "select_visual" and f.get("method") in refused
+                                     for n, f in m.steps)]
 
 
 def _cls_ranked(k: int, pct: str, has_cls: bool) -> list[Method]:
@@ -166,10 +174,7 @@ def _both(name: str, pass_name: str, fields: dict) -> list[Method]:
             Method(f"{name}, original positions", [(pass_name, dict(fields))])]
 
 
-def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order,
-                     vision_signals: bool = True) -> list[Method]:
-    """``vision_signals`` False (a tower that gives no received attention or pre-projector
-    features, e.g. Idefics3, InternVL): no VisionZip and no MMTok rows."""
+def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order) -> list[Method]:
     ms = [Method("original", []),
           Method(f"FastV K={K} R=50%", [("drop_tokens", {"keep": {f"layer_{K}": 0.5}})]),
           Method(f"FastV K={K} R=75%", [("drop_tokens", {"keep": {f"layer_{K}": 0.25}})]),
@@ -179,12 +184,11 @@ def _dynamic_methods(K: int, q: list[int], n_layers: int, freeze_order,
           *_sparsevlm(None, n_layers)]
     for frac in (0.11, 0.33):
         pct = f"{frac:.0%}"
-        if vision_signals:
-            ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
-                          [("select_visual", {"method": "visionzip", "keep": frac,
-                                              "score": "received"})]),
-                   Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
-                                                               "tv_temperature": 0.01})])]
+        ms += [Method(f"VisionZip {pct} (received attention, dominant only)",
+                      [("select_visual", {"method": "visionzip", "keep": frac,
+                                          "score": "received"})]),
+               Method(f"MMTok {pct}", [("select_visual", {"method": "mmtok", "keep": frac,
+                                                           "tv_temperature": 0.01})])]
         ms += [Method(f"DivPrune {pct}", [("select_visual", {"method": "divprune",
                                                               "keep": frac})]),
                Method(f"CDPruner {pct}", [("select_visual", {"method": "cdpruner",

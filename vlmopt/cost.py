@@ -51,6 +51,11 @@ class Tower:
         """A select_visual scorer's extra FLOPs on this tower (None: not one it runs)."""
         return None
 
+    def n_text_tokens(self, grids) -> int:
+        """Image-token slots these images fill with rows that are not image features (AnyRes
+        newlines): text to the token passes, and not in a caller's count of text tokens."""
+        return 0
+
 
 def _dtype_bytes(dtype) -> int:
     if isinstance(dtype, str):
@@ -100,6 +105,9 @@ class ModelShapes:
     # pooling head that HF runs on every image although LLaVA reads hidden_states only
     siglip: bool = False
     vision_head: bool = False
+    # image-token slots holding no image feature (AnyRes newlines): never selected or dropped,
+    # added to the caller's text tokens (which count the prompt's non-image tokens)
+    n_image_text: int = 0
 
     @property
     def d_q(self) -> int:
@@ -123,7 +131,8 @@ class ModelShapes:
         if self.tower is None:
             raise ValueError("a fixed-resolution model has no image grids")
         grids = tuple(tuple(int(x) for x in g) for g in grids)
-        return replace(self, grids=grids, n_visual=self.tower.n_llm_tokens(list(grids)))
+        return replace(self, grids=grids, n_visual=self.tower.n_llm_tokens(list(grids)),
+                       n_image_text=self.tower.n_text_tokens(list(grids)))
 
     @classmethod
     def from_llava_config(cls, config, *, bytes_per_el: int | None = None) -> ModelShapes:
@@ -256,8 +265,9 @@ def head_flops(s: ModelShapes) -> int:
 
 
 def baseline_layers(s: ModelShapes, n_text: int) -> list[LayerSpec]:
-    """The identity plan: every layer sees all n_text + n_visual tokens."""
-    return [LayerSpec(n_text + s.n_visual, s.n_visual) for _ in range(s.n_layers)]
+    """The identity plan: every layer sees all n_text (+ newline) + n_visual tokens."""
+    return [LayerSpec(n_text + s.n_image_text + s.n_visual, s.n_visual)
+            for _ in range(s.n_layers)]
 
 
 def prefill_flops(s: ModelShapes, layers: list[LayerSpec], *, n_visual_in: int | None = None,

@@ -296,3 +296,74 @@ class InternTower(Tower):
         project = 2 * self.proj_in + (self.proj_in * self.out + self.out) + self.out ** 2 \
             + self.out
         return vision * bytes_per_el, project * bytes_per_el
+
+
+class AnyResTower(Tower):
+    """``vlmopt.cost.Tower`` of LLaVA-NeXT / LLaVA-OneVision: a CLIP (NeXT: CLS, feature layer
+    -2, CLS dropped) or SigLIP (OneVision: no CLS, strategy "full") ViT run once per S x S tile,
+    the MLP projector on every tile's P = (S/p)^2 features, then the AnyRes packing (unpadding,
+    OneVision's bilinear downsampling, newline rows), which FlopCounterMode counts as nothing.
+    ``grids``: one (n_tiles, rows, cols) per image: the tiles the tower runs (base included)
+    and the packed feature grid after unpadding and downsampling; the image gives P + rows *
+    cols visual tokens and ``rows`` newline tokens (``n_text_tokens``: text to the passes)."""
+
+    def __init__(self, d: int, m: int, depth: int, patch: int, channels: int, side: int,
+                 has_cls: bool, proj_in: int, out: int, proj_bias: bool):
+        self.d, self.m, self.depth, self.patch, self.channels = d, m, depth, patch, channels
+        self.side, self.has_cls, self.proj_in, self.out = side, has_cls, proj_in, out
+        self.proj_bias = proj_bias
+
+    @classmethod
+    def from_config(cls, config) -> AnyResTower:
+        vc = config.vision_config
+        mt = vc.model_type
+        if mt not in ("clip_vision_model", "siglip_vision_model"):
+            raise ValueError(f"vision_config.model_type={mt!r}: AnyRes is priced for CLIP and "
+                             "SigLIP towers")
+        if mt == "siglip_vision_model" and getattr(vc, "vision_use_head", False):
+            raise ValueError("vision_config.vision_use_head: the SigLIP pooling head is not "
+                             "priced (AnyRes checkpoints build the tower without it)")
+        layer = config.vision_feature_layer
+        n_feat = 1 if isinstance(layer, int) else len(layer)
+        return cls(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.patch_size,
+                   vc.num_channels, vc.image_size // vc.patch_size,
+                   mt == "clip_vision_model", vc.hidden_size * n_feat,
+                   config.text_config.hidden_size,
+                   bool(getattr(config, "multimodal_projector_bias", True)))
+
+    def _check(self, grids) -> list[tuple[int, int, int]]:
+        out = []
+        for g in grids:
+            t, r, c = (int(x) for x in g)
+            if t < 1 or r < 1 or c < 1:
+                raise ValueError(f"grid {tuple(g)}: expected (n_tiles, rows, cols) >= 1")
+            out.append((t, r, c))
+        return out
+
+    def n_llm_tokens(self, grids) -> int:
+        return sum(self.side ** 2 + r * c for _, r, c in self._check(grids))
+
+    def n_text_tokens(self, grids) -> int:
+        return sum(r for _, r, _ in self._check(grids))
+
+    def breakdown(self, grids) -> dict[str, int]:
+        tiles = sum(t for t, _, _ in self._check(grids))
+        P, d = self.side ** 2, self.d
+        n = P + int(self.has_cls)  # tokens inside the ViT
+        conv = P * d * self.channels * self.patch ** 2
+        layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * self.m
+        vision = 2 * tiles * (conv + self.depth * layer)
+        merger = 2 * tiles * P * (self.proj_in * self.out + self.out * self.out)
+        return {"vision": vision, "merger": merger, "total": vision + merger}
+
+    def param_bytes(self, bytes_per_el: int) -> tuple[int, int]:
+        d, m, P = self.d, self.m, self.side ** 2
+        layer = 4 * (d * d + d) + 2 * 2 * d + (d * m + m) + (m * d + d)  # attn, 2 LN, MLP
+        conv = d * self.channels * self.patch ** 2
+        if self.has_cls:  # CLIP: conv without bias, class + P+1 positions, pre- and post-LN
+            emb = conv + d + (P + 1) * d + 2 * 2 * d
+        else:  # SigLIP: conv with bias, P positions, post-LN
+            emb = conv + d + P * d + 2 * d
+        vision = emb + self.depth * layer
+        proj = self.proj_in * self.out + self.out * self.out + 2 * self.out * int(self.proj_bias)
+        return vision * bytes_per_el, (proj + self.out) * bytes_per_el  # + image_newline [D]

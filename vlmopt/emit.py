@@ -70,7 +70,8 @@ def layout_names(gm: fx.GraphModule) -> tuple[str, ...]:
 
 def export_feeds(gm: fx.GraphModule, batch: dict) -> dict[str, torch.Tensor]:
     """The prefill graph's inputs for a graph batch, plus the family's layout inputs (Qwen-VL:
-    tensors from the image grids; Idefics3: the tiles' pixel mask)."""
+    tensors from the image grids; Idefics3: the tiles' pixel mask; AnyRes: the packing's
+    gather layout from the image size)."""
     feeds = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
                                    "position_ids")}  # NOTE: the graphs' input order
     if dynamic(gm):
@@ -88,7 +89,7 @@ def _synthetic_dynamic(gm: fx.GraphModule, vocab: int, n_text: int, seed: int) -
     meta = gm.meta["vlmopt"]
     family = adapter_of_graph(meta)
     g = torch.Generator().manual_seed(seed)
-    nv, img = family.example_visual_tokens(meta["vision_example"]), meta["image_token_id"]
+    nv, img = family.example_image_tokens(meta["vision_example"]), meta["image_token_id"]
     ids = torch.randint(5, vocab, (n_text,), generator=g)
     ids[ids == img] = 5
     ids = torch.cat([ids[:2], torch.full((nv,), img), ids[2:]])[None]

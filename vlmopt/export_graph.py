@@ -154,10 +154,12 @@ class PrefillForm(nn.Module):
 
     def forward(self, input_ids, pixel_values, attention_mask, position_ids, vision_pos=None,
                 frame_seg=None, window_index=None, window_seg=None, interp_idx=None,
-                interp_w=None, pixel_attention_mask=None):
+                interp_w=None, pixel_attention_mask=None, anyres_index=None,
+                anyres_weight=None, anyres_visual=None):
         feeds = {"input_ids": input_ids, "pixel_values": pixel_values,
                  "attention_mask": attention_mask, "position_ids": position_ids,
-                 "image_grid_thw": None, "pixel_attention_mask": pixel_attention_mask}
+                 "image_grid_thw": None, "pixel_attention_mask": pixel_attention_mask,
+                 "image_sizes": None}
         layout = {k: v for k, v in (("vision_pos", vision_pos), ("frame_seg", frame_seg),
                                     ("window_index", window_index), ("window_seg", window_seg),
                                     ("interp_idx", interp_idx), ("interp_w", interp_w))
@@ -187,6 +189,10 @@ class PrefillForm(nn.Module):
                     env[n] = None
                 elif blk == "vision" and self.vision is not None:
                     env[n] = self.vision(pixel_values, **layout)
+                elif blk == "vision" and hasattr(mod, "export_forward"):
+                    # AnyRes: the packing from layout inputs; n_cur = image features, a shape
+                    env[n], n_cur = mod.export_forward(pixel_values, anyres_index,
+                                                       anyres_weight, anyres_visual)
                 elif blk == "vision" and self.dynamic:
                     env[n] = mod(*val(n.args), **val(n.kwargs))
                     out = env[n][0] if isinstance(env[n], tuple) else env[n]

@@ -28,7 +28,8 @@ def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str
     Returns input_ids/attention_mask/position_ids [B, T] and pixel_values [B, 3, H, W]; for
     families with dynamic resolution the processor's own layout (Qwen-VL: patches [N, C*tp*p*p],
     ``image_grid_thw`` [n_images, 3], M-RoPE position ids [3, B, T] from the model; Idefics3 /
-    SmolVLM: tiles [B, n_tiles, 3, S, S] and ``pixel_attention_mask`` [B, n_tiles, S, S]).
+    SmolVLM: tiles [B, n_tiles, 3, S, S] and ``pixel_attention_mask`` [B, n_tiles, S, S];
+    LLaVA-NeXT / OneVision: tiles [B, n_tiles, 3, S, S] and ``image_sizes`` [B, 2]).
     """
     if processor is None:
         raise VlmoptError("this checkpoint has no processor files; cannot encode prompts")
@@ -43,7 +44,8 @@ def encode(processor, prompts: list[str], images: list[Image.Image]) -> dict[str
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0) if pos is None else pos,
         "pixel_values": enc["pixel_values"].float(),
     }
-    for k in ("image_grid_thw", "pixel_attention_mask"):  # family inputs (Qwen-VL, Idefics3)
+    # family inputs (Qwen-VL, Idefics3, LLaVA-NeXT / OneVision)
+    for k in ("image_grid_thw", "pixel_attention_mask", "image_sizes"):
         if k in enc:
             out[k] = enc[k]
     return out

@@ -262,8 +262,8 @@ class Artifact:
 
 
 def preprocessor(art: Artifact) -> Preprocessor:
-    """The artifact's own preprocessing: LLaVA's, Qwen-VL's or Idefics3's (the manifest's
-    image layout says which)."""
+    """The artifact's own preprocessing: LLaVA's, Qwen-VL's, Idefics3's or LLaVA-NeXT /
+    OneVision's (the manifest's image layout says which)."""
     if not art.manifest.get("processor"):
         raise VlmoptError(f"{art.root}: the artifact has no processor files")
     root = art.root / art.manifest["processor"]
@@ -277,6 +277,10 @@ def preprocessor(art: Artifact) -> Preprocessor:
             from vlmopt.runtime_tiles import InternVLPreprocessor
 
             return InternVLPreprocessor(root, layout)
+        if layout.get("kind") == "anyres":  # LLaVA-NeXT / OneVision
+            from vlmopt.runtime_anyres import AnyResPreprocessor
+
+            return AnyResPreprocessor(root, layout)
         return QwenPreprocessor(root, layout)
     return Preprocessor(root)
 

@@ -8,8 +8,9 @@ modules the capture puts at the vision/project nodes. Everything after capture i
 family-agnostic. A new family is one module with one ``@register_family`` class plus tests.
 
 The loader picks the adapter from ``config.json`` (``model_type``); a family it does not know,
-or one that looks like a supported one but is not (``llava_next`` is not ``llava``), is refused
-with one error line listing the supported families - never loaded into the wrong class.
+or one that looks like a supported one but is not (``llava_next_video`` is not
+``llava_next``), is refused with one error line listing the supported families - never loaded
+into the wrong class.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from vlmopt.errors import VlmoptError
 FAMILIES: dict[str, type[Adapter]] = {}  # model_type -> adapter class
 # model types people will try that vlmopt does not read yet (and what they are)
 NOT_YET = {
-    "llava_next": "LLaVA-NeXT (AnyRes tiles)",
-    "llava_onevision": "LLaVA-OneVision (AnyRes tiles)",
     "llava_next_video": "LLaVA-NeXT-Video",
     "gemma3": "Gemma 3",
     "paligemma": "PaliGemma",
@@ -75,9 +74,12 @@ class Adapter:
     # graph inputs beyond input_ids, pixel_values, attention_mask, position_ids
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     position_rows: ClassVar[int] = 1  # 1: [B, T] position ids; 3: M-RoPE [3, B, T]
-    # the vision node can also give per-token received attention and pre-projector features
-    # (VisionZip's score on CLS-free towers, MMTok's vision side); False: those are refused
-    vision_signals: ClassVar[bool] = True
+    # the vision block returns (features, text_rows [N] bool): rows that fill image-token
+    # slots but are not image features (AnyRes newlines), which the merge keeps out of the
+    # visual mask so no token pass scores, selects or drops them
+    vision_text_rows: ClassVar[bool] = False
+    # select_visual methods this family's tower cannot serve: {method: why}
+    refused_select: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -128,6 +130,12 @@ class Adapter:
     def example_visual_tokens(cls, v: dict) -> int:
         """LLM visual tokens of one image of the reference input ``v`` (``vision_example``)."""
         raise NotImplementedError(f"{cls.family}: fixed resolution, no reference input")
+
+    @classmethod
+    def example_image_tokens(cls, v: dict) -> int:
+        """Image-token slots of one reference image: its visual tokens, plus the slots the
+        vision node fills with rows that stay text (AnyRes newlines, ``vision_text_rows``)."""
+        return cls.example_visual_tokens(v)
 
     @classmethod
     def example_inputs(cls, v: dict, ids: torch.Tensor, amask: torch.Tensor,

@@ -35,7 +35,11 @@ def _side(v) -> int:
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_types = ("internvl",)
-    vision_signals = False  # not yet: VisionZip and MMTok are refused (vlmopt compare skips them)
+    # not yet: the CLS- and attention-scored selections and MMTok (vlmopt compare skips them)
+    refused_select = dict.fromkeys(
+        ("visionzip", "vispruner", "vtc_cls", "mmtok", "vscan"),
+        "its tower gives no per-LLM-token attention or pre-projector feature yet (pixel "
+        "shuffle merges patches)")
     architectures = ("InternVLForConditionalGeneration",)
 
     @classmethod

@@ -21,6 +21,7 @@ from vlmopt.errors import VlmoptError
 from vlmopt.frontend import idefics3 as _idefics3  # noqa: F401
 from vlmopt.frontend import internvl as _internvl  # noqa: F401
 from vlmopt.frontend import llava as _llava  # noqa: F401  (registers the family)
+from vlmopt.frontend import llava_next as _llava_next  # noqa: F401
 from vlmopt.frontend import qwen_vl as _qwen_vl  # noqa: F401
 from vlmopt.frontend.builtins import BUILTIN_DIR, BUILTIN_MODELS  # noqa: F401
 from vlmopt.frontend.family import Adapter, adapter_class

@@ -74,7 +74,9 @@ class Embed(nn.Module):
 
 
 class Merge(nn.Module):
-    """Scatter image embeddings into the image-token slots; also returns the visual mask."""
+    """Scatter image embeddings into the image-token slots; also returns the visual mask. With
+    ``text_rows`` (a vision node that returns some rows that are not image features, e.g.
+    AnyRes' newline embeddings) those slots are left out of the visual mask."""
 
     recompute = True  # cheaper to recompute than to keep (search.evaluator)
 
@@ -82,11 +84,15 @@ class Merge(nn.Module):
         super().__init__()
         self.image_token_id = image_token_id
 
-    def forward(self, tok: torch.Tensor, img: torch.Tensor, input_ids: torch.Tensor):
+    def forward(self, tok: torch.Tensor, img: torch.Tensor, input_ids: torch.Tensor,
+                text_rows: torch.Tensor | None = None):
         visual = input_ids == self.image_token_id  # [B, T]
         slots = visual.unsqueeze(-1).expand_as(tok)  # [B, T, D]
         # NOTE: same op as HF (masked_scatter of the flattened image features): a pure copy
         hidden = tok.masked_scatter(slots, img.reshape(-1, img.shape[-1]).to(tok.dtype))
+        if text_rows is not None:  # rows of ``img`` that are not image features (AnyRes
+            # newlines) fill image-token slots but stay text for every token pass
+            visual = visual.masked_scatter(visual, ~text_rows.reshape(-1))
         return hidden, visual
 
 
@@ -249,3 +255,71 @@ class InternVision(nn.Module):
         x = x.view(n, int(h * r), int(w * r), int(c / r ** 2)).permute(0, 2, 1, 3).contiguous()
         x = self.projector(x.reshape(n, -1, x.shape[-1]))
         return x.reshape(-1, x.shape[-1])
+
+
+class AnyResVision(nn.Module):
+    """LLaVA-NeXT / LLaVA-OneVision tower + projector + AnyRes packing: (pixel_values [B, n, 3,
+    S, S], image_sizes [B, 2]) -> (LLM embeddings of every image's tokens in prompt order
+    [N_total, D], text_rows [N_total] bool: True on the ``image_newline`` rows).
+
+    Eager: the same ops, in the same order, as the model's ``get_image_features`` (one image a
+    sample; the base tile and the tiles its ``image_sizes`` selects; unpadding, OneVision's
+    ``anyres_max_N`` bilinear downsampling and the newline rows by the model's own
+    ``pack_image_features``). The newline rows come from ``layout_of`` (numpy,
+    vlmopt.preprocess_anyres), checked against the packed lengths. ``export_forward`` is the
+    batch-1 form ONNX gets: the same packing as a gather of layout inputs computed in numpy."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, image_newline: nn.Parameter,
+                 config, pack, layout_of, onevision: bool):
+        super().__init__()
+        self.tower, self.projector, self.image_newline = tower, projector, image_newline
+        self.config, self._pack, self._layout_of = config, pack, layout_of
+        self.onevision = onevision
+        self.feature_layer = config.vision_feature_layer
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, S, S] -> projected features of each tile [N, P, D]."""
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.feature_layer]  # [N, P (+1 CLS), Dv]
+        return self.projector(feats[:, 1:] if self.drop_cls else feats)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.config
+        sizes = image_sizes.tolist()
+        n_tiles = [image_size_to_num_patches(image_size=s, patch_size=cfg.vision_config.image_size,
+                                             grid_pinpoints=cfg.image_grid_pinpoints)
+                   for s in sizes]
+        pv = torch.cat([p[:n] for p, n in zip(pixel_values, n_tiles)], dim=0)
+        feats = torch.split(self.features(pv), n_tiles, dim=0)
+        if self.onevision:
+            packed, _ = self._pack(self, feats, image_sizes, image_newline=self.image_newline,
+                                   vision_aspect_ratio=cfg.vision_aspect_ratio)
+        else:
+            packed, _ = self._pack(self, feats, image_sizes,
+                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                   image_newline=self.image_newline)
+        rows = []
+        for (h, w), f in zip(sizes, packed):
+            lay = self._layout_of(int(h), int(w))
+            if lay.n_slots != f.shape[0]:
+                raise ValueError(f"vision: image of {w}x{h} packs {f.shape[0]} features, the "
+                                 f"AnyRes layout says {lay.n_slots}")
+            r = torch.ones(lay.n_slots, dtype=torch.bool)
+            r[torch.from_numpy(lay.visual)] = False
+            rows.append(r)
+        return torch.cat(packed, dim=0), torch.cat(rows).to(pixel_values.device)
+
+    def export_forward(self, pixel_values: torch.Tensor, anyres_index: torch.Tensor,
+                       anyres_weight: torch.Tensor, anyres_visual: torch.Tensor):
+        """Batch 1: pixel_values [1, n, 3, S, S], index / weight [N, 4], visual [Nv] ->
+        (embeddings [N, D], text_rows [N]) and the image-feature count Nv (a shape)."""
+        f = self.features(pixel_values[0].to(self.tower.dtype))  # [n, P, D]
+        table = torch.cat([f.reshape(-1, f.shape[-1]),
+                           self.image_newline[None].to(f.dtype)])  # [n * P + 1, D]
+        out = (table[anyres_index] * anyres_weight[..., None].to(f.dtype)).sum(1)  # [N, D]
+        text = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+        text = text.index_fill(0, anyres_visual, False)
+        return (out, text), anyres_visual.shape[0]

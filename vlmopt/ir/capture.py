@@ -25,8 +25,9 @@ from vlmopt.frontend.load import LoadedModel, adapter_for
 from vlmopt.ir import blocks
 
 INPUTS = ("input_ids", "pixel_values", "attention_mask", "position_ids")
-# inputs some families add (vlmopt.frontend adapters): Qwen-VL grids, Idefics3 pixel mask
-EXTRA_INPUTS = ("image_grid_thw", "pixel_attention_mask")
+# inputs some families add (vlmopt.frontend adapters): Qwen-VL grids, Idefics3 pixel mask,
+# AnyRes image sizes
+EXTRA_INPUTS = ("image_grid_thw", "pixel_attention_mask", "image_sizes")
 
 
 def _tag(node: fx.Node, block: str, **info) -> fx.Node:
@@ -67,9 +68,13 @@ def capture(model: LoadedModel | nn.Module) -> fx.GraphModule:
     if n_ds:  # Qwen3-VL: (embeddings, *deepstack features)
         ds_feats = [g.call_function(operator.getitem, (feats, i + 1)) for i in range(n_ds)]
         feats = g.call_function(operator.getitem, (feats, 0))
+    text_rows = ()
+    if a.vision_text_rows:  # (features, rows that stay text), e.g. AnyRes' newlines
+        text_rows = (g.call_function(operator.getitem, (feats, 1)),)
+        feats = g.call_function(operator.getitem, (feats, 0))
     img = _tag(g.call_module("project", (feats,)), "project")
     tok = _tag(g.call_module("embed", (ids,)), "embed")
-    merged = _tag(g.call_module("merge", (tok, img, ids)), "merge")
+    merged = _tag(g.call_module("merge", (tok, img, ids, *text_rows)), "merge")
     hidden = g.call_function(operator.getitem, (merged, 0))
     visual = g.call_function(operator.getitem, (merged, 1))
     hidden.name, visual.name = "hidden", "visual_mask"
@@ -152,7 +157,8 @@ def complete_inputs(batch: dict) -> dict:
         if k in batch:
             out[k] = batch[k]
     pix = out["pixel_values"]
-    if pix.dim() == 5 and "pixel_attention_mask" not in out:  # tiles: none of it is padding
+    if pix.dim() == 5 and "pixel_attention_mask" not in out and "image_sizes" not in out:
+        # Idefics3 tiles: none of it is padding
         out["pixel_attention_mask"] = torch.ones(pix.shape[:2] + pix.shape[3:], dtype=torch.long)
     return out
 

@@ -38,7 +38,7 @@ def example_shapes(gm: fx.GraphModule, batch: int = 2, n_text: int = 16) -> dict
     """Fake-able example inputs of the captured model's real shapes."""
     info = gm.meta["vlmopt"]
     size = info["image_size"]  # NOTE: from meta: passes may replace the vision module
-    n_vis = example_n_visual(gm)
+    n_vis = example_image_slots(gm)
     T = n_text + n_vis
     ids = torch.full((batch, T), 1, dtype=torch.long)
     ids[:, 4:4 + n_vis] = info["image_token_id"]
@@ -71,6 +71,17 @@ def example_n_visual(gm: fx.GraphModule) -> int:
     from vlmopt.frontend.family import adapter_of_graph
 
     return adapter_of_graph(info).example_visual_tokens(info["vision_example"])
+
+
+def example_image_slots(gm: fx.GraphModule) -> int:
+    """Image-token slots per image of the example: its visual tokens plus the slots that stay
+    text (AnyRes newlines, which fill ``<image>`` slots but are no image features)."""
+    info = gm.meta["vlmopt"]
+    if info["n_visual"] is not None:
+        return info["n_visual"]
+    from vlmopt.frontend.family import adapter_of_graph
+
+    return adapter_of_graph(info).example_image_tokens(info["vision_example"])
 
 
 def _positions(pos: torch.Tensor, b: int) -> list:
@@ -131,6 +142,8 @@ def verify_graph(gm: fx.GraphModule, *, pass_name: str | None = None,
                 from None
 
     prev = None
+    # text the decoders see: the prompt's and the image slots that stay text (newlines)
+    n_text = n_text + example_image_slots(gm) - example_n_visual(gm)
     for n in gm.graph.nodes:
         info = n.meta.get("vlmopt", {})
         if info.get("block") != "decoder" or not checked:
