@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from vlmopt.errors import VlmoptError
-from vlmopt.preprocess_idefics3 import _resize, _to_rgb
+from vlmopt.preprocess_idefics3 import _resize
+from vlmopt.preprocess_qwen import to_rgb as _to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
