@@ -242,7 +242,12 @@ def test_search_and_compare_do_not_propose_refused_methods(tiny):
 
     ms = default_methods(None, 2, ["layer_0", "layer_1"], refused=tiny.adapter.refused_select)
     used = {f.get("method") for m in ms for n, f in m.steps if n == "select_visual"}
-    assert used == {"divprune", "kcenter", "random"}
+    assert {"divprune", "kcenter", "random"} <= used and not used & set(tiny.adapter.refused_select)
+    from vlmopt.pipeline import make_config, run_passes
+
+    for method in used - {"divprune", "kcenter", "random"}:  # others offered here also run
+        run_passes(capture(tiny), [("select_visual", make_config(
+            "select_visual", {"method": method, "keep": 0.25}))])
     sp = Space(tiny, 20, image_sizes={(50, 70): 1})
     assert set(sp.select_methods) <= {"none", "divprune"}
     assert sp.default_select not in tiny.adapter.refused_select
