@@ -35,8 +35,7 @@ import numpy as np
 from PIL import Image
 
 from vlmopt.errors import VlmoptError
-from vlmopt.preprocess_idefics3 import _resize
-from vlmopt.preprocess_qwen import to_rgb as _to_rgb
+from vlmopt.preprocess_idefics3 import _resize, chw_float, uint8_array
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,11 +152,7 @@ def pixels(image: Image.Image, cfg: AnyResImageConfig) -> np.ndarray:
     """One image -> tiles [1 + rows * cols, C, S, S] float32: the base tile, then the grid."""
     if not isinstance(image, Image.Image):
         raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
-    if cfg.do_convert_rgb:
-        image = _to_rgb(image)
-    arr = np.array(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+    arr = uint8_array(image, cfg)
     h, w = arr.shape[:2]
     S = cfg.tile
     best = select_best_resolution(h, w, cfg.pinpoints)
@@ -168,14 +163,7 @@ def pixels(image: Image.Image, cfg: AnyResImageConfig) -> np.ndarray:
     frames = [_resize(arr, S, S, cfg.resample)]
     frames += [padded[i:i + S, j:j + S] for i in range(0, best[0], S)
                for j in range(0, best[1], S)]
-    out = []
-    for f in frames:
-        x = f.astype(np.float32)
-        if cfg.do_rescale:  # NOTE: float64 multiply, then float32 - transformers' rescale
-            x = (f.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-        if cfg.do_normalize:
-            x = (x - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
-        out.append(np.moveaxis(x, -1, 0))
+    out = [chw_float(f, cfg) for f in frames]
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 

@@ -179,15 +179,29 @@ def _resize(arr: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
     return np.array(Image.fromarray(arr).resize((w, h), resample=resample))
 
 
+def uint8_array(image: Image.Image, cfg) -> np.ndarray:
+    """The image as transformers' PIL backends take it: RGB if ``do_convert_rgb``, [H, W, C]."""
+    if cfg.do_convert_rgb:
+        image = to_rgb(image)
+    arr = np.array(image)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def chw_float(frame: np.ndarray, cfg) -> np.ndarray:
+    """One uint8 [H, W, C] frame rescaled and normalised as transformers does, [C, H, W]."""
+    x = frame.astype(np.float32)
+    if cfg.do_rescale:  # NOTE: float64 multiply, then float32 - transformers' rescale
+        x = (frame.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    if cfg.do_normalize:
+        x = (x - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
+    return np.moveaxis(x, -1, 0)
+
+
 def pixels(image: Image.Image, cfg: TileImageConfig):
     """One image -> (tiles [n, C, S, S] float32, pixel mask [n, S, S] int64, rows, cols)."""
     if not isinstance(image, Image.Image):
         raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
-    if cfg.do_convert_rgb:
-        image = to_rgb(image)
-    arr = np.array(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+    arr = uint8_array(image, cfg)
     S = cfg.tile
     if cfg.do_image_splitting:
         if cfg.do_resize:
@@ -205,14 +219,7 @@ def pixels(image: Image.Image, cfg: TileImageConfig):
         if cfg.do_resize:
             arr = _resize(arr, *first_size(*arr.shape[:2], cfg), cfg.resample)
         rows, cols, frames = 0, 0, [_resize(arr, S, S, cfg.resample)]
-    out = []
-    for f in frames:
-        x = f.astype(np.float32)
-        if cfg.do_rescale:  # NOTE: float64 multiply, then float32 - transformers' rescale
-            x = (f.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-        if cfg.do_normalize:
-            x = (x - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
-        out.append(np.moveaxis(x, -1, 0))
+    out = [chw_float(f, cfg) for f in frames]
     tiles = np.ascontiguousarray(np.stack(out), dtype=np.float32)
     if tiles.shape[2:] != (S, S):
         raise VlmoptError(f"image resized to {tiles.shape[3]}x{tiles.shape[2]}, not the "

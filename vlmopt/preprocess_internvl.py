@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image
 
 from vlmopt.errors import VlmoptError
-from vlmopt.preprocess_idefics3 import _resize, read_config_file
-from vlmopt.preprocess_qwen import to_rgb
+from vlmopt.preprocess_idefics3 import _resize, chw_float, read_config_file, uint8_array
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,11 +123,7 @@ def pixels(image: Image.Image, cfg: TilingConfig) -> np.ndarray:
     """One image -> its tiles [n, C, S, S] float32."""
     if not isinstance(image, Image.Image):
         raise VlmoptError(f"expected a PIL image, got {type(image).__name__}")
-    if cfg.do_convert_rgb:
-        image = to_rgb(image)
-    arr = np.array(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+    arr = uint8_array(image, cfg)
     S = cfg.tile
     if cfg.crop_to_patches and cfg.max_patches > 1:
         cols, rows = best_grid(*arr.shape[:2], cfg)
@@ -139,14 +134,7 @@ def pixels(image: Image.Image, cfg: TilingConfig) -> np.ndarray:
             frames.append(_resize(arr, S, S, cfg.resample))
     else:
         frames = [_resize(arr, S, S, cfg.resample) if cfg.do_resize else arr]
-    out = []
-    for f in frames:
-        x = f.astype(np.float32)
-        if cfg.do_rescale:  # NOTE: float64 multiply, then float32 - transformers' rescale
-            x = (f.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-        if cfg.do_normalize:
-            x = (x - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
-        out.append(np.moveaxis(x, -1, 0))
+    out = [chw_float(f, cfg) for f in frames]
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
