@@ -9,7 +9,7 @@ import numpy as np
 
 from vlmopt import preprocess_anyres as pa
 from vlmopt.errors import VlmoptError
-from vlmopt.runtime import Preprocessor, image_parts, open_image
+from vlmopt.runtime_pre import Preprocessor, image_parts, open_image
 
 
 class AnyResPreprocessor(Preprocessor):
