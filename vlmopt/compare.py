@@ -90,7 +90,7 @@ def default_methods(n_visual: int | None, n_layers: int, freeze_order: list[str]
         else:
             ms += [Method(f"random@layer1 {pct}", [("drop_tokens", {"keep": {"layer_1": k},
                                                                       "scorer": "random"})])]
-    if "merge_vision" in registry():  # ToMe at half the patches: reachable on any depth
+    if "merge_vision" in registry() and has_cls:  # ToMe (CLIP with CLS dropped), half the patches
         k = n_visual - n_visual // 2
         ms += _both(f"ToMe {k}/{n_visual} (vision tower)", "merge_vision", {"keep": k})
     if freeze_order:
