@@ -91,3 +91,27 @@ def test_tile_preprocessing_imports_and_runs_with_torch_unimportable(tmp_path):
     assert run.stdout.split() == [
         str(len(pv.pixels(im, pv.TilingConfig(tile=32)))),
         str(len(pi.pixels(im, pi.TileImageConfig(longest_edge=128, tile=32))[0]))]
+
+
+@pytest.mark.parametrize("config,family,needle", [
+    (b"\xff\xfe{", "smolvlm-2b", "not valid JSON"),
+    (b"[1, 2]", "smolvlm-2b", "expected a JSON object"),
+    (b'{"size": 5}', "smolvlm-2b", "size must be a dict"),
+    (b'{"max_image_size": {"longest_edge": 0}}', "smolvlm-2b", "tile must be a positive"),
+    (b'{"size": {"height": 448, "width": 300}}', "internvl3-8b", "must be a square"),
+    (b'{"crop_to_patches": true, "max_patches": -2, "size": {"height": 448, "width": 448}}',
+     "internvl3-8b", "max_patches must be a positive integer"),
+])
+def test_a_bad_tile_image_config_is_one_error_line(tmp_path, capsys, config, family, needle):
+    """The tile families' image processor config: one line naming the file, exit 2."""
+    import shutil
+    from pathlib import Path
+
+    from vlmopt.cli import main
+
+    ck = tmp_path / family
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples/configs" / family, ck)
+    (ck / "preprocessor_config.json").write_bytes(config)
+    assert main(["flops", str(ck), "--image-size", "300x200"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "preprocessor_config.json" in err[0] and needle in err[0], err

@@ -93,9 +93,15 @@ def read_config_file(path, parse, default):
         f = Path(path) / name
         if f.is_file():
             try:
-                return parse(json.loads(f.read_text(encoding="utf-8")))
+                d = json.loads(f.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise VlmoptError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise VlmoptError(f"{f}: expected a JSON object, got {type(d).__name__}")
+            try:
+                return parse(d)
+            except VlmoptError as e:
+                raise VlmoptError(f"{f}: {e}") from None
     return default
 
 
