@@ -14,7 +14,8 @@ Methods (shared/methods.md sections 3, 4, 6, 10, 13):
       before the projector, in their target's slot (``cls`` "patches": LightCompress's
       counting) or, with CLS first, in the official order (``cls`` "official", ``visionzip``).
       CLS-free towers (SigLIP, Qwen-VL): ``score`` "received" - the attention each token
-      receives, mean over heads and queries (vlmopt.ir.received).
+      receives, mean over heads and queries (vlmopt.ir.received; tile towers, Idefics3 and
+      InternVL: per pixel-shuffle group, vlmopt.ir.received_tiles).
   divprune: greedy max-min diversity on cosine distance of the post-projector embeddings,
       starting from the most isolated token. Tokens already chosen are excluded explicitly, so
       exact duplicates still yield ``keep`` distinct tokens (LightCompress's can keep fewer).

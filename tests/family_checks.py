@@ -61,10 +61,11 @@ def write_plan(lm, path, passes):
     return path
 
 
-def exports_with_parity_and_runs_without_torch(lm, tmp_path, sizes, keys):
-    """apply (DivPrune at a quarter of each image's tokens + a drop after layer 0) -> ONNX
-    parity on calibration prompts of two image sizes; the torch-free preprocessing gives the
-    HF processor's inputs (``keys``); ``vlmopt run`` answers from ONNX Runtime alone."""
+def exports_with_parity_and_runs_without_torch(lm, tmp_path, sizes, keys, passes=None):
+    """apply ``passes`` (default: DivPrune at a quarter of each image's tokens + a drop after
+    layer 0) -> ONNX parity on calibration prompts of two image sizes; the torch-free
+    preprocessing gives the HF processor's inputs (``keys``); ``vlmopt run`` answers from ONNX
+    Runtime alone."""
     from helpers import write_jsonl
 
     from vlmopt import runtime
@@ -76,7 +77,7 @@ def exports_with_parity_and_runs_without_torch(lm, tmp_path, sizes, keys):
         rows.append({"image": f"{i}.png", "prompt": "what colour is the shape ? <image>",
                      "answer": "red"})
     calib = write_jsonl(tmp_path / "calib.jsonl", rows)
-    plan = write_plan(lm, tmp_path / "plan.json", [
+    plan = write_plan(lm, tmp_path / "plan.json", passes or [
         {"name": "select_visual", "config": {"method": "divprune", "keep": 0.25}},
         {"name": "drop_tokens", "config": {"keep": {"layer_1": 0.5}}}])
     out = tmp_path / "out"

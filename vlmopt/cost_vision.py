@@ -239,6 +239,14 @@ class TileTower(Tower):
                   + self.depth * layer + 2 * d)  # conv, positions, layers, post-LN
         return vision * bytes_per_el, d * self.scale ** 2 * self.out * bytes_per_el
 
+    def select_flops(self, op: str, grids) -> int | None:
+        # VisionZip's received attention (vlmopt.ir.received_tiles): the last layer's q and k
+        # again for every tile's patches, and each head's q.k^T
+        if op != "received_attention":
+            return None
+        n = self.side ** 2
+        return 2 * self._tiles(grids) * (2 * n * self.d * self.d + n * n * self.d)
+
 
 class InternTower(Tower):
     """``vlmopt.cost.Tower`` of InternVL: InternViT (CLS + patches) once per S x S tile, then the
@@ -296,6 +304,14 @@ class InternTower(Tower):
         project = 2 * self.proj_in + (self.proj_in * self.out + self.out) + self.out ** 2 \
             + self.out
         return vision * bytes_per_el, project * bytes_per_el
+
+    def select_flops(self, op: str, grids) -> int | None:
+        # VisionZip's received attention (vlmopt.ir.received_tiles): q and k of the feature
+        # layer again over each tile's CLS + patches, and each head's q.k^T
+        if op != "received_attention":
+            return None
+        n = self.side ** 2 + 1
+        return 2 * self._tiles(grids) * (2 * n * self.d * self.d + n * n * self.d)
 
 
 class AnyResTower(Tower):

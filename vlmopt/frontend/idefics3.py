@@ -31,10 +31,11 @@ from vlmopt.ir import blocks
 class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
-    # not yet: the CLS- and attention-scored selections and MMTok (vlmopt compare skips them)
+    # VisionZip ranks by received attention per pixel-shuffle group (vlmopt.ir.received_tiles);
+    # not yet: the CLS-scored selections and MMTok (vlmopt compare skips them)
     refused_select = dict.fromkeys(
-        ("visionzip", "vispruner", "vtc_cls", "mmtok", "vscan"),
-        "its tower gives no per-LLM-token attention or pre-projector feature yet (pixel "
+        ("vispruner", "vtc_cls", "mmtok", "vscan"),
+        "its tower gives no per-LLM-token CLS attention or pre-projector feature yet (pixel "
         "shuffle merges patches)")
     architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     extra_inputs = ("pixel_attention_mask",)

@@ -35,10 +35,11 @@ def _side(v) -> int:
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_types = ("internvl",)
-    # not yet: the CLS- and attention-scored selections and MMTok (vlmopt compare skips them)
+    # VisionZip ranks by received attention per pixel-shuffle group (vlmopt.ir.received_tiles);
+    # not yet: the CLS-scored selections and MMTok (vlmopt compare skips them)
     refused_select = dict.fromkeys(
-        ("visionzip", "vispruner", "vtc_cls", "mmtok", "vscan"),
-        "its tower gives no per-LLM-token attention or pre-projector feature yet (pixel "
+        ("vispruner", "vtc_cls", "mmtok", "vscan"),
+        "its tower gives no per-LLM-token CLS attention or pre-projector feature yet (pixel "
         "shuffle merges patches)")
     architectures = ("InternVLForConditionalGeneration",)
 

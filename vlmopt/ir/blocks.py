@@ -209,7 +209,8 @@ class TileVision(nn.Module):
         self.tower, self.connector = tower, connector
         self.patch_size, self.keep_one = patch_size, keep_one
 
-    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
+    def tiles(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
+        """The real tiles [n_real, 3, S, S] and their patch masks [n_real, S/p, S/p]."""
         B, n = pixel_values.shape[:2]
         pv = pixel_values.to(dtype=self.tower.dtype)
         pv = pv.view(B * n, *pv.shape[2:])
@@ -221,7 +222,10 @@ class TileVision(nn.Module):
             pv, pam = pv[real].contiguous(), pam[real].contiguous()
         p = self.patch_size
         sub = pam.unfold(dimension=1, size=p, step=p).unfold(dimension=2, size=p, step=p)
-        patch_mask = (sub.sum(dim=(-1, -2)) > 0).bool()
+        return pv, (sub.sum(dim=(-1, -2)) > 0).bool()
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
+        pv, patch_mask = self.tiles(pixel_values, pixel_attention_mask)
         out = self.tower(pixel_values=pv, patch_attention_mask=patch_mask, return_dict=True)
         feats = self.connector(out.last_hidden_state)  # [n_real, tokens_per_tile, D]
         return feats.reshape(-1, feats.shape[-1])
@@ -246,15 +250,19 @@ class InternVision(nn.Module):
             out.hidden_states[self.feature_layer]
         if self.drop_cls:
             feats = feats[:, 1:, :]
-        n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
-        x = feats.reshape(n, side, side, -1)
-        # pixel shuffle, as InternVLModel.pixel_shuffle: [n, w, h, c] -> [n, w*r, h*r, c/r^2]
-        _, w, h, c = x.size()
-        r = self.ratio
-        x = x.view(n, w, int(h * r), int(c / r)).permute(0, 2, 1, 3).contiguous()
-        x = x.view(n, int(h * r), int(w * r), int(c / r ** 2)).permute(0, 2, 1, 3).contiguous()
-        x = self.projector(x.reshape(n, -1, x.shape[-1]))
+        x = self.projector(intern_pixel_shuffle(feats, self.ratio))
         return x.reshape(-1, x.shape[-1])
+
+
+def intern_pixel_shuffle(feats: torch.Tensor, r: float) -> torch.Tensor:
+    """InternVLModel.pixel_shuffle on a tile's patch rows: [n, side^2, c] -> [n, side^2 r^2,
+    c / r^2] (pure reshapes, its order: [n, w, h, c] -> [n, w*r, h*r, c/r^2])."""
+    n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
+    x = feats.reshape(n, side, side, -1)
+    _, w, h, c = x.size()
+    x = x.view(n, w, int(h * r), int(c / r)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * r), int(w * r), int(c / r ** 2)).permute(0, 2, 1, 3).contiguous()
+    return x.reshape(n, -1, x.shape[-1])
 
 
 class AnyResVision(nn.Module):

@@ -171,39 +171,47 @@ def vtc_cls_scores(gm: fx.GraphModule, start_layer: int) -> fx.Node:
 
 def _extra_vision_output(gm: fx.GraphModule, make, select_op: str) -> fx.Node:
     """Dynamic-resolution towers: the vision node's module becomes ``make(old)``, which returns
-    the old outputs plus one more; returns the node of that extra output."""
-    from vlmopt.ir.blocks import QwenVision
-
+    the old outputs plus one more (None: this tower has no such form); returns the node of
+    that extra output."""
     vis = node_by_block(gm, "vision")
     old = gm.get_submodule(vis.target)
-    if not isinstance(old, QwenVision):
+    mod: nn.Module | None = make(old)
+    if mod is None:
         raise ValueError(f"select_visual: node {vis.name!r}: {select_op.replace('_', ' ')} is "
                          f"not available on this family's vision tower "
                          f"({gm.meta['vlmopt'].get('family')}) yet; use divprune, kcenter or "
                          "random")
-    mod: nn.Module = make(old)
     vis.target = add_module(gm, f"vision_{select_op}", mod)
     vis.meta["vlmopt"]["select_op"] = select_op
     g = gm.graph
     with g.inserting_after(vis):
-        extra = g.call_function(operator.getitem, (vis, old.n_deepstack + 1))
-        if not old.n_deepstack:  # the node was one tensor: its users now read item 0
+        n_ds = getattr(old, "n_deepstack", 0)
+        extra = g.call_function(operator.getitem, (vis, n_ds + 1))
+        if not n_ds:  # the node was one tensor: its users now read item 0
             feats = g.call_function(operator.getitem, (vis, 0))
             vis.replace_all_uses_with(feats, delete_user_cb=lambda n: n not in (feats, extra))
     return extra
 
 
 def received_scores(gm: fx.GraphModule, layer: int | None = None) -> fx.Node:
-    """CLS-free towers (Qwen-VL): the attention each LLM token receives in the last ViT block
-    (vlmopt.ir.received) [Nv_total]."""
+    """Dynamic-resolution towers: the attention each LLM token receives [Nv_total] - Qwen-VL's
+    last ViT block (vlmopt.ir.received), a tile tower's feature layer, averaged over each
+    pixel-shuffle group (vlmopt.ir.received_tiles)."""
+    from vlmopt.ir import received_tiles
+    from vlmopt.ir.blocks import QwenVision
     from vlmopt.ir.received import QwenVisionReceived
 
     if layer is not None:
         raise ValueError(f"select_visual: node {node_by_block(gm, 'vision').name!r}: field "
-                         "'layer': this tower's received attention is its last block's")
+                         "'layer': this tower's received attention is that of the layer "
+                         "producing its features")
 
-    return _extra_vision_output(gm, lambda old: QwenVisionReceived(old.tower, old.n_deepstack),
-                                "received_attention")
+    def make(old):
+        if isinstance(old, QwenVision):
+            return QwenVisionReceived(old.tower, old.n_deepstack)
+        return received_tiles.for_tower(old)
+
+    return _extra_vision_output(gm, make, "received_attention")
 
 
 def vision_features(gm: fx.GraphModule) -> fx.Node:
@@ -211,11 +219,11 @@ def vision_features(gm: fx.GraphModule) -> fx.Node:
     the vision node itself on towers whose projector is separate ([B, Nv, Dv]); on towers with
     the merger inside (Qwen-VL) a new output of merge-group means ([Nv_total, Dv],
     vlmopt.ir.mmtok.QwenVisionPatches)."""
-    from vlmopt.ir.blocks import Vision
+    from vlmopt.ir.blocks import QwenVision, Vision
     from vlmopt.ir.mmtok import QwenVisionPatches
 
     vis = node_by_block(gm, "vision")
     if isinstance(gm.get_submodule(vis.target), Vision):
         return vis
-    return _extra_vision_output(gm, lambda old: QwenVisionPatches(old.tower, old.n_deepstack),
-                                "patch_features")
+    return _extra_vision_output(gm, lambda old: QwenVisionPatches(old.tower, old.n_deepstack)
+                                if isinstance(old, QwenVision) else None, "patch_features")
