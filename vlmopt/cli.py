@@ -215,53 +215,6 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    from vlmopt.analysis import layer_contribution, rank_layers
-    from vlmopt.compare import compare, default_methods
-    from vlmopt.data.dataset import load_records
-    from vlmopt.frontend.load import load, resolve_model
-
-    resolve_model(args.model)
-    data = default_data(args.model, args.data)
-    records = load_records(data, limit=args.limit)
-    calib = builtin_default(args.model, args.calib, "calib")
-    calib_records = load_records(calib, limit=64) if calib else None
-    lm = load(args.model)
-    info = lm.config
-    order = None
-    if calib_records:
-        order = rank_layers(layer_contribution(lm, calib_records))
-    methods = default_methods(lm.adapter.fixed_n_visual(), info.text_config.num_hidden_layers,
-                              order, has_cls=lm.adapter.has_cls,
-                              refused=lm.adapter.refused_select,
-                              vit_layers=getattr(getattr(info, "vision_config", None),
-                                                 "num_hidden_layers", None))
-    advance, close = progress(len(records), "comparing")
-    try:
-        rows = compare(lm, records, methods, batch_size=args.batch_size, progress=advance)
-    finally:
-        close()
-    if args.json:
-        print(json.dumps({"model": args.model, "data": data, "n": len(records),
-                          "methods": rows}, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{args.model} on {data} ({len(records)} questions)")
-    for c in ("method", "accuracy", "agreement", "KL", "LLM FLOPs", "total FLOPs",
-              "latency ratio"):
-        t.add_column(c, justify="left" if c == "method" else "right")
-    for r in rows:
-        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        t.add_row(r["method"], acc, f"{r['agreement']:.3f}", f"{r['kl']:.4f}",
-                  f"{r['ratio_llm']:.3f}", f"{r['ratio_total']:.3f}", f"{r['latency_ratio']:.3f}")
-    Console().print(t)
-    print(f"FLOPs: prefill ratios to the original (LLM: all but the vision tower and projector) at "
-          f"{rows[0]['prompt_tokens']} text tokens, the prompts' mean")
-    return 0
-
-
 def check_out(out: Path) -> None:
     """Refuse, creating nothing, an OUT that is not ours to write: an existing file or
     non-empty directory, a parent that is missing, not a directory or not writable."""
@@ -457,15 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--json", action="store_true")
     z.set_defaults(fn=cmd_analyze)
 
-    c = sub.add_parser("compare", help="method table: accuracy, agreement, FLOPs and latency")
-    c.add_argument("model")
-    c.add_argument("--data", help="evaluation JSONL (default for builtin:synth-llava: "
-                   "builtin:synthvqa-test)")
-    c.add_argument("--calib", help="calibration JSONL for ShortV's Layer Contribution")
-    c.add_argument("--limit", type=positive("--limit"))
-    c.add_argument("--batch-size", type=positive("--batch-size"), default=16)
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(fn=cmd_compare)
+    from vlmopt.cli_compare import add_parser as add_compare
+
+    add_compare(sub)
 
     from vlmopt.cli_optimize import add_parser as add_optimize
 

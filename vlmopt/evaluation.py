@@ -139,3 +139,17 @@ def evaluate(runner: Runner, records: list[Record], processor, *,
         reference="self" if reference is None else "original",
         predictions=preds,
     )
+
+
+def mean_text_tokens(lm, records, batch_size: int) -> int:
+    """Mean text tokens per prompt (padding of its batch included, as the evaluators encode
+    them), from the processor alone (no forward): the ``n_text`` of FLOPs ratios."""
+    from vlmopt import inputs
+
+    image_id = lm.model.config.image_token_id
+    total = 0
+    for chunk in record_batches(records, batch_size, lm.processor):
+        ids = inputs.encode(lm.processor, [r.prompt for r in chunk],
+                            [r.load_image() for r in chunk])["input_ids"]
+        total += int((ids != image_id).sum())
+    return round(total / max(1, len(records)))

@@ -204,20 +204,6 @@ def _has_trials(study) -> bool:
     return bool(study.get_trials(deepcopy=False))
 
 
-def _text_tokens(lm, records, batch_size: int) -> int:
-    """Mean text tokens per calibration prompt, from the processor alone (no forward)."""
-    from vlmopt import inputs
-    from vlmopt.evaluation import record_batches
-
-    image_id = lm.model.config.image_token_id
-    total = 0
-    for chunk in record_batches(records, batch_size, lm.processor):
-        ids = inputs.encode(lm.processor, [r.prompt for r in chunk],
-                            [r.load_image() for r in chunk])["input_ids"]
-        total += int((ids != image_id).sum())
-    return round(total / max(1, len(records)))
-
-
 def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
     from vlmopt.analysis import layer_contribution, rank_layers
     from vlmopt.frontend.load import load
@@ -240,11 +226,11 @@ def _run(opts: Options, od, study, calib, held, say, t_start, progress) -> dict:
     # the FLOPs target is checked from the prompts' lengths and image sizes before any forward
     from collections import Counter
 
-    from vlmopt.evaluation import image_size
+    from vlmopt.evaluation import image_size, mean_text_tokens
 
     screen = calib[:n_screen]
     sizes = {(h, w): n for (w, h), n in Counter(image_size(r) for r in screen).items()}
-    Space(lm, _text_tokens(lm, screen, opts.batch_size), image_sizes=sizes).check_target(
+    Space(lm, mean_text_tokens(lm, screen, opts.batch_size), image_sizes=sizes).check_target(
         opts.target, opts.scope)
     say(f"encoding {n_screen} calibration samples for the search"
         + (f" (finalists: all {len(calib)})" if rerank else ""))
