@@ -281,15 +281,13 @@ def run(lm, records, methods: list[Method], targets, *, scope: str = "llm",
 def ort_latencies(base, methods: list[Method], lm, records, repeats: int) -> dict[str, float]:
     """Median ONNX Runtime (CPU) prefill seconds of each method's exported, fused graph on one
     record, in interleaved rounds (as ``ort_latency.prefill_latency`` does for two graphs)."""
-    import statistics
     import tempfile
-    import time
     from pathlib import Path
 
     from vlmopt import emit, inputs, runtime
     from vlmopt.emit_fuse import fuse_graph
     from vlmopt.ir.capture import complete_inputs
-    from vlmopt.ort_latency import first_sample
+    from vlmopt.ort_latency import first_sample, interleaved
     from vlmopt.pipeline import make_config, run_passes
 
     batch = complete_inputs(inputs.encode(lm.processor, [r.prompt for r in records],
@@ -310,12 +308,6 @@ def ort_latencies(base, methods: list[Method], lm, records, repeats: int) -> dic
             sessions[m.name] = runtime.session(path, "cpu", None, spinning=False)
             f = {k: v.numpy() for k, v in emit.export_feeds(gm, b).items()}
             feeds[m.name] = {i.name: f[i.name] for i in sessions[m.name].get_inputs()}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for r in range(1 + repeats):  # round 0 warms up
-            for name, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds[name])
-                if r:
-                    times[name].append(time.perf_counter() - t0)
+        out = interleaved(sessions, feeds, repeats)
         del sessions
-    return {k: statistics.median(v) for k, v in times.items()}
+    return out

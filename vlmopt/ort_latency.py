@@ -71,12 +71,19 @@ def prefill_latency(artifact: Path, original: fx.GraphModule, chosen: fx.GraphMo
             f = {k: v.numpy() for k, v in emit.export_feeds(gm, batch).items()}
             wanted = [i.name for i in sessions[name].get_inputs()]
             feeds[name] = {k: f[k] for k in wanted}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for r in range(1 + repeats):  # round 0 warms up
-            for name, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds[name])
-                if r:
-                    times[name].append(time.perf_counter() - t0)
+        out = interleaved(sessions, feeds, repeats)
         del sessions
+    return out
+
+
+def interleaved(sessions: dict, feeds: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of ``sessions[name].run(None, feeds[name])``, the sessions taking turns
+    in each of ``repeats`` rounds after one warm-up round, so machine noise hits them alike."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(1 + repeats):  # round 0 warms up
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[name])
+            if r:
+                times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
